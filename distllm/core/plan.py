@@ -1,0 +1,181 @@
+"""The step contract between the driver (scheduler) and the workers.
+
+One StepPlan goes from the driver to every tensor-parallel rank each step; one StepResult comes
+back from rank 0. Both are plain dataclasses of msgpack-able values (no tensors, no pickle), so
+the in-process executor and the ZeroMQ transport send exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers have not seen (or must rebuild after preemption)."""
+
+    req_id: str
+    # The worker's token list is prompt_token_ids + output_token_ids; outputs are kept apart
+    # because penalties and min_tokens count generated tokens only.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+    # SamplingParams.to_worker_dict() for generation, PoolingParams.to_worker_dict() for pooling.
+    sampling: dict[str, Any] | None = None
+    pooling: dict[str, Any] | None = None
+
+
+@dataclass
+class CachedRequestData:
+    """A diff for a request the workers already hold."""
+
+    req_id: str
+    # Tokens the driver accepted since the last plan (sampled ones); the workers append them.
+    new_token_ids: list[int]
+    # Blocks allocated since the last plan, appended to the request's block table.
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    # Tokens to compute this step, per request id; the order of this dict is the batch order.
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Requests the workers must forget (finished, aborted) before running this step.
+    finished_req_ids: list[str] = field(default_factory=list)
+    # Requests preempted by recompute: forgotten now, sent again later as new requests.
+    preempted_req_ids: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    """Top logprobs at one or more positions: ids[i][0] is the sampled/actual token."""
+
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    ranks: list[int]  # rank of the sampled/actual token at each position
+
+
+@dataclass
+class RequestResult:
+    req_id: str
+    # Empty when the request was in the middle of a chunked prefill (nothing sampled).
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: TokenLogprobs | None = None
+    # Logprobs of prompt positions computed this step (position p is the prompt token p+1).
+    prompt_logprobs: TokenLogprobs | None = None
+    # Pooling output as a flat list of floats with its shape.
+    pooled: list[float] | None = None
+    pooled_shape: list[int] | None = None
+    error: str | None = None
+
+
+@dataclass
+class StepResult:
+    step_id: int
+    results: list[RequestResult] = field(default_factory=list)
+    # Errors that are not tied to one request (rank failures).
+    errors: list[str] = field(default_factory=list)
+    version: int = PLAN_VERSION
+
+
+# ---- msgpack encoding --------------------------------------------------------------------
+
+
+def _plan_to_obj(p: StepPlan) -> list:
+    return [
+        p.version,
+        p.step_id,
+        [
+            [r.req_id, r.prompt_token_ids, r.output_token_ids, r.block_ids, r.num_computed_tokens, r.sampling, r.pooling]
+            for r in p.new_requests
+        ],
+        [[r.req_id, r.new_token_ids, r.new_block_ids, r.num_computed_tokens] for r in p.cached_requests],
+        list(p.num_scheduled_tokens.items()),
+        p.finished_req_ids,
+        p.preempted_req_ids,
+    ]
+
+
+def _check_version(v: int) -> None:
+    if v != PLAN_VERSION:
+        raise ValueError(f"step message version {v} does not match this build's {PLAN_VERSION}")
+
+
+def encode_plan(plan: StepPlan) -> bytes:
+    return msgpack.packb(_plan_to_obj(plan), use_bin_type=True)
+
+
+def decode_plan(data: bytes) -> StepPlan:
+    o = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    _check_version(o[0])
+    return StepPlan(
+        step_id=o[1],
+        new_requests=[NewRequestData(*r) for r in o[2]],
+        cached_requests=[CachedRequestData(*r) for r in o[3]],
+        num_scheduled_tokens=dict((k, v) for k, v in o[4]),
+        finished_req_ids=o[5],
+        preempted_req_ids=o[6],
+        version=o[0],
+    )
+
+
+def _lp_to_obj(lp: TokenLogprobs | None) -> list | None:
+    return None if lp is None else [lp.token_ids, lp.logprobs, lp.ranks]
+
+
+def _lp_from_obj(o: list | None) -> TokenLogprobs | None:
+    return None if o is None else TokenLogprobs(*o)
+
+
+def encode_result(res: StepResult) -> bytes:
+    return msgpack.packb(
+        [
+            res.version,
+            res.step_id,
+            [
+                [
+                    r.req_id,
+                    r.sampled_token_ids,
+                    _lp_to_obj(r.logprobs),
+                    _lp_to_obj(r.prompt_logprobs),
+                    r.pooled,
+                    r.pooled_shape,
+                    r.error,
+                ]
+                for r in res.results
+            ],
+            res.errors,
+        ],
+        use_bin_type=True,
+    )
+
+
+def decode_result(data: bytes) -> StepResult:
+    o = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    _check_version(o[0])
+    return StepResult(
+        step_id=o[1],
+        results=[
+            RequestResult(r[0], r[1], _lp_from_obj(r[2]), _lp_from_obj(r[3]), r[4], r[5], r[6]) for r in o[2]
+        ],
+        errors=o[3],
+        version=o[0],
+    )

@@ -1,0 +1,98 @@
+"""Paged attention and KV store: the plain-torch reference.
+
+This is the CPU implementation and the oracle the Triton kernels are tested against.
+
+Layouts (shared with the Triton kernels):
+  q:            [num_tokens, num_heads, head_dim]     all scheduled tokens of the batch, packed
+  key/value:    [num_tokens, num_kv_heads, head_dim]
+  k/v cache:    [num_blocks, block_size, num_kv_heads, head_dim]
+  slot_mapping: [num_tokens] int64, block_id * block_size + offset; -1 = padding, not stored
+  block_tables: [batch, max_blocks_per_seq] int32
+  seq_lens:     [batch] int32, context length after this step (cached prefix + new tokens)
+  query_start_loc: [batch + 1] int32, cumulative new-token counts (query b is
+                   q[query_start_loc[b]:query_start_loc[b+1]]), its tokens are the last
+                   q_len positions of the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    num_blocks, block_size, hkv, d = k_cache.shape
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    # [num_blocks * block_size, hkv, d] views of the caches, so a slot indexes one row.
+    k_cache.view(-1, hkv, d)[slots] = key[valid].to(k_cache.dtype)
+    v_cache.view(-1, hkv, d)[slots] = value[valid].to(v_cache.dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """q [q_len, H, D], k/v [kv_len, Hkv, D]; the queries are the last q_len kv positions."""
+    q_len, h, _ = q.shape
+    kv_len, hkv, _ = k.shape
+    if hkv != h:
+        # GQA: each kv head serves h // hkv query heads.
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, len, D]
+    mask = None
+    if causal and q_len > 1:
+        qpos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
+        kpos = torch.arange(kv_len, device=q.device)[None, :]
+        mask = kpos <= qpos  # [q_len, kv_len]
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1)  # [q_len, H, D]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    num_blocks, block_size, hkv, d = k_cache.shape
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, kv_len in enumerate(lens):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        nb = (kv_len + block_size - 1) // block_size
+        blocks = block_tables[b, :nb].long()
+        # [nb, block_size, hkv, d] -> [nb * block_size, hkv, d], cut to the context length
+        k = k_cache[blocks].reshape(-1, hkv, d)[:kv_len]
+        v = v_cache[blocks].reshape(-1, hkv, d)[:kv_len]
+        out[s:e] = _attend(q[s:e], k, v, scale, causal).to(out.dtype)
+    return out
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Attention within packed sequences, no cache (encoders, and prefills of fresh prompts)."""
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for b in range(len(starts) - 1):
+        s, e = starts[b], starts[b + 1]
+        if e > s:
+            out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, causal).to(out.dtype)
+    return out
