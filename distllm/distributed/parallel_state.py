@@ -1,0 +1,61 @@
+"""Tensor-parallel group state: rank, size and the collectives the layers call.
+
+With tp size 1 every collective is a no-op, so the model files never branch on parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class _TPState:
+    rank: int = 0
+    size: int = 1
+    group: object | None = None
+
+
+_TP = _TPState()
+
+
+def get_tp_rank() -> int:
+    return _TP.rank
+
+
+def get_tp_size() -> int:
+    return _TP.size
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> None:
+    """Join the TP group (gloo on CPU, nccl on GPU). One group: the whole world is one TP group."""
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size)
+        _TP.group = dist.group.WORLD
+    _TP.rank, _TP.size = rank, world_size
+
+
+def destroy_tensor_parallel() -> None:
+    if _TP.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _TP.rank, _TP.size, _TP.group = 0, 1, None
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _TP.size == 1:
+        return x
+    dist.all_reduce(x, group=_TP.group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate every rank's x along dim (same shape on every rank)."""
+    if _TP.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_TP.size)]
+    dist.all_gather(parts, x.contiguous(), group=_TP.group)
+    return torch.cat(parts, dim=dim)
+

@@ -1,0 +1,93 @@
+"""Attention over the paged KV cache.
+
+The model runner sets one `AttentionMetadata` and the per-layer KV caches for each forward pass
+(`forward_context`), so model files just call `self.attn(q, k, v)` and know nothing of paging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from distllm.ops import dispatch
+from distllm.ops.paged_attention import varlen_attention_ref
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64, -1 = padding
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32: context length after this step
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    max_query_len: int
+    max_seq_len: int
+    # Every sequence starts from position 0 this step: attention needs only the new K/V.
+    fresh_prefill_only: bool = False
+    causal: bool = True
+
+
+@dataclass
+class _ForwardContext:
+    meta: AttentionMetadata | None = None
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+_CTX = _ForwardContext()
+
+
+@contextlib.contextmanager
+def forward_context(
+    meta: AttentionMetadata, kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None
+) -> Iterator[None]:
+    prev = (_CTX.meta, _CTX.kv_caches)
+    _CTX.meta, _CTX.kv_caches = meta, kv_caches
+    try:
+        yield
+    finally:
+        _CTX.meta, _CTX.kv_caches = prev
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    if _CTX.meta is None:
+        raise RuntimeError("attention called outside a forward_context (the model runner sets one per step)")
+    return _CTX.meta
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
+        meta = get_attention_metadata()
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        caches = _CTX.kv_caches
+        if caches is not None:
+            k_cache, v_cache = caches[self.layer_idx]
+            dispatch.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if caches is None or (meta.fresh_prefill_only and not q.is_cuda):
+            out = varlen_attention_ref(q, k, v, meta.query_start_loc, self.scale, meta.causal)
+        else:
+            out = dispatch.paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                meta.query_start_loc,
+                self.scale,
+                causal=meta.causal,
+                max_query_len=meta.max_query_len,
+                max_seq_len=meta.max_seq_len,
+            )
+        return out.reshape(t, self.num_heads * self.head_dim)

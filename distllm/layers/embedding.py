@@ -1,0 +1,56 @@
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from distllm.layers.linear import loaded_shape, materialize, set_weight_loader
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.tp_size, self.tp_rank = get_tp_size(), get_tp_rank()
+        self.vocab_size = vocab_size
+        # Pad so every rank holds the same number of rows (padding rows are zero, never looked up).
+        self.per_rank = (vocab_size + self.tp_size - 1) // self.tp_size
+        self.start = self.tp_rank * self.per_rank
+        self.end = min(self.start + self.per_rank, vocab_size)
+        self.weight = nn.Parameter(torch.zeros(self.per_rank, hidden_size, dtype=dtype), requires_grad=False)
+        set_weight_loader(self.weight, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        rows, cols = loaded_shape(loaded)
+        if rows < self.vocab_size or cols != param.shape[1]:
+            raise ValueError(f"embedding shape mismatch: checkpoint {(rows, cols)}, model vocab {self.vocab_size}")
+        n = self.end - self.start
+        param.data[:n].copy_(materialize(loaded[self.start : self.end], param.dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        mask = (ids >= self.start) & (ids < self.end)
+        local = torch.where(mask, ids - self.start, torch.zeros_like(ids))
+        out = F.embedding(local, self.weight) * mask.unsqueeze(-1).to(self.weight.dtype)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for this rank's vocabulary slice, gathered so every rank sees the full row."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None):
+        super().__init__(vocab_size, hidden_size, dtype)
+
+    def tie_to(self, embedding: VocabParallelEmbedding) -> None:
+        self.weight = embedding.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)  # [N, per_rank]
+        if self.tp_size > 1:
+            logits = tp_all_gather(logits, dim=-1)  # [N, per_rank * tp]
+        return logits[..., : self.vocab_size]

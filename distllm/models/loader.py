@@ -1,0 +1,102 @@
+"""Build a model and fill its weights: safetensors folder, GGUF file, or dummy random weights.
+
+Safetensors tensors are handed to the weight loaders as lazy slices, so each tensor-parallel
+rank reads only the bytes of its own shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from distllm.config import ModelConfig
+from distllm.logger import init_logger
+from distllm.models.registry import get_model_class
+
+logger = init_logger(__name__)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def safetensors_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(folder, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(
+                f"model.safetensors.index.json in {folder!r} names shards that are missing: "
+                + ", ".join(os.path.basename(m) for m in missing)
+            )
+        return files
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        has_bin = glob.glob(os.path.join(folder, "*.bin")) or glob.glob(os.path.join(folder, "*.pt"))
+        hint = " (found PyTorch .bin/.pt files: distllm never unpickles weights; convert them to safetensors)" if has_bin else ""
+        raise FileNotFoundError(f"no *.safetensors weights in model folder {folder!r}{hint}.")
+    return files
+
+
+def iter_safetensors(folder: str) -> Iterator[tuple[str, Any]]:
+    from safetensors import SafetensorError, safe_open
+
+    for path in safetensors_files(folder):
+        try:
+            f = safe_open(path, framework="pt")
+            names = list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"cannot read safetensors file {path!r}: it is corrupt or truncated ({e}).") from None
+        for name in names:
+            try:
+                yield name, f.get_slice(name)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"cannot read tensor {name!r} from {path!r}: corrupt file ({e}).") from None
+
+
+@torch.no_grad()
+def _fill_dummy(model: nn.Module, seed: int) -> None:
+    # Small uniform values keep activations finite through many layers (what vLLM does too).
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.uniform_(-1e-3, 1e-3)
+
+
+@torch.no_grad()
+def load_model(model_config: ModelConfig, device: torch.device | str, seed: int = 0) -> nn.Module:
+    t0 = time.perf_counter()
+    dtype = torch_dtype(model_config.dtype)
+    cls = get_model_class(model_config.architecture)
+    with torch.device(device):
+        model = cls(model_config.hf_config, dtype)
+    fmt = model_config.load_format
+    if fmt == "dummy":
+        _fill_dummy(model, seed)
+    elif fmt == "gguf":
+        from distllm.models.gguf_loader import iter_gguf_tensors
+
+        model.load_weights(iter_gguf_tensors(model_config.gguf_file or model_config.model, dtype))
+    elif fmt == "safetensors":
+        model.load_weights(iter_safetensors(model_config.model))
+    else:
+        raise ValueError(f"unknown load_format {fmt!r}")
+    model.eval()
+    n = sum(p.numel() for p in model.parameters())
+    gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    logger.info(
+        "Loaded %s (%s, %.1fM parameters, %.2f GB %s) in %.2f s",
+        model_config.architecture, fmt, n / 1e6, gb, model_config.dtype, time.perf_counter() - t0,
+    )
+    return model

@@ -1,0 +1,159 @@
+"""Applies plan diffs to per-request state, runs the model, samples, and builds the StepResult."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distllm.config import EngineConfig
+from distllm.core.plan import NewRequestData, RequestResult, StepPlan, StepResult, TokenLogprobs
+from distllm.distributed.parallel_state import get_tp_rank, get_tp_size
+from distllm.layers.attention import forward_context
+from distllm.layers.sampler import Sampler, SamplingState, compute_token_logprobs
+from distllm.logger import init_logger
+from distllm.models.loader import load_model, torch_dtype
+from distllm.worker.input_batch import CachedRequestState, build_step_inputs
+from distllm.worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks
+
+logger = init_logger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.model_config = config.model_config
+        self.block_size = config.cache_config.block_size
+        self.dtype = torch_dtype(self.model_config.dtype)
+        self.states: dict[str, CachedRequestState] = {}
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.sampler = Sampler()
+        self.model: torch.nn.Module | None = None
+        self.is_driver_rank = get_tp_rank() == 0
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def load_model(self) -> None:
+        self.model = load_model(self.model_config, self.device, seed=self.config.seed)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        mc = self.model_config
+        tp = get_tp_size()
+        kv_heads = max(1, mc.num_kv_heads // tp)
+        return KVCacheSpec(mc.num_layers, self.block_size, kv_heads, mc.head_dim, self.dtype)
+
+    def determine_num_blocks(self) -> int:
+        cc = self.config.cache_config
+        if cc.num_gpu_blocks_override:
+            return cc.num_gpu_blocks_override
+        spec = self.kv_cache_spec()
+        sc = self.config.scheduler_config
+        if self.device.type == "cpu":
+            return cpu_num_blocks(spec, sc.max_num_seqs * sc.max_model_len, cc.kv_cache_memory_bytes)
+        from distllm.worker.memory import profile_num_gpu_blocks
+
+        return profile_num_gpu_blocks(self, spec)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        t0 = time.perf_counter()
+        spec = self.kv_cache_spec()
+        self.kv_caches = allocate_kv_cache(spec, num_blocks, self.device)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GB) in %.2f s",
+            num_blocks, self.block_size, num_blocks * spec.block_bytes / 1e9, time.perf_counter() - t0,
+        )
+
+    # ---- plan diffs ---------------------------------------------------------------------------
+
+    def _add_request(self, r: NewRequestData) -> None:
+        tokens = list(r.prompt_token_ids) + list(r.output_token_ids)
+        sampling = None
+        prompt_lp = None
+        if r.sampling is not None:
+            sampling = SamplingState.create(r.sampling, r.prompt_token_ids, list(r.output_token_ids), self.device)
+            prompt_lp = r.sampling.get("prompt_logprobs")
+        self.states[r.req_id] = CachedRequestState(
+            req_id=r.req_id,
+            token_ids=tokens,
+            num_prompt_tokens=len(r.prompt_token_ids),
+            block_ids=list(r.block_ids),
+            num_computed_tokens=r.num_computed_tokens,
+            sampling=sampling,
+            pooling=r.pooling,
+            prompt_logprobs=prompt_lp,
+        )
+
+    def apply_plan(self, plan: StepPlan) -> None:
+        for rid in plan.finished_req_ids:
+            self.states.pop(rid, None)
+        for rid in plan.preempted_req_ids:
+            self.states.pop(rid, None)
+        for r in plan.new_requests:
+            self._add_request(r)
+        for c in plan.cached_requests:
+            st = self.states[c.req_id]
+            st.token_ids.extend(c.new_token_ids)
+            if st.sampling is not None:
+                st.sampling.output_token_ids.extend(c.new_token_ids)
+            st.block_ids.extend(c.new_block_ids)
+            st.num_computed_tokens = c.num_computed_tokens
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.apply_plan(plan)
+        result = StepResult(step_id=plan.step_id)
+        if plan.is_empty():
+            return result
+        inputs = build_step_inputs(plan, self.states, self.block_size, self.device, causal=True)
+        with forward_context(inputs.meta, self.kv_caches):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        per_req: dict[str, RequestResult] = {}
+
+        if inputs.sample_rows:
+            rows = torch.tensor(inputs.sample_rows, device=self.device)
+            logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
+            states = [self.states[r].sampling for r in inputs.sample_req_ids]
+            out = self.sampler(logits, states)
+            if self.is_driver_rank:
+                ids = out.sampled_token_ids.tolist()
+                lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
+                lps = out.logprobs.tolist() if out.logprobs is not None else None
+                ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
+                for i, rid in enumerate(inputs.sample_req_ids):
+                    rr = per_req.setdefault(rid, RequestResult(rid))
+                    rr.sampled_token_ids = [ids[i]]
+                    k = states[i].params.get("logprobs")
+                    if lp_ids is not None and k is not None:
+                        rr.logprobs = TokenLogprobs([lp_ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
+
+        for rid, rows, targets in inputs.prompt_lp:
+            k = self.states[rid].prompt_logprobs
+            logits = self.model.compute_logits(hidden[rows[0] : rows[-1] + 1]).float()
+            ids, lps, ranks = compute_token_logprobs(logits, torch.tensor(targets, device=self.device), k)
+            if self.is_driver_rank:
+                per_req.setdefault(rid, RequestResult(rid)).prompt_logprobs = TokenLogprobs(
+                    ids.tolist(), lps.tolist(), ranks.tolist()
+                )
+
+        if inputs.pool_spans:
+            self._pool(hidden, inputs, per_req)
+
+        result.results = list(per_req.values())
+        return result
+
+    def _pool(self, hidden: torch.Tensor, inputs, per_req: dict[str, RequestResult]) -> None:
+        pool = getattr(self.model, "pool", None)
+        for rid, start, end in inputs.pool_spans:
+            st = self.states[rid]
+            rr = per_req.setdefault(rid, RequestResult(rid))
+            if pool is None:
+                rr.error = f"model {self.model_config.architecture} has no pooler; use runner='generate'"
+                continue
+            data = pool(hidden[start:end], st.pooling or {})
+            if self.is_driver_rank:
+                flat = data.float().cpu()
+                rr.pooled = flat.reshape(-1).tolist()
+                rr.pooled_shape = list(flat.shape)
