@@ -291,3 +291,4 @@ class EngineConfig:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+AsyncEngineArgs = EngineArgs  # vLLM has a subclass; same fields here

@@ -1,0 +1,133 @@
+"""Prompts -> token ids, and every check that needs the model, before any work is scheduled."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Union
+
+from distllm.config import EngineConfig, ModelConfig
+from distllm.params import PoolingParams, SamplingParams
+
+# vLLM's prompt forms: a string, {"prompt": str}, {"prompt_token_ids": [...]}.
+PromptType = Union[str, dict[str, Any], list[int]]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+def load_tokenizer(model_config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok_path = model_config.tokenizer
+    if tok_path.endswith(".gguf"):
+        from distllm.models.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(tok_path)
+    return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code)
+
+
+def load_generation_config(model_config: ModelConfig) -> dict[str, Any]:
+    if model_config.gguf_file:
+        from distllm.models.gguf_loader import gguf_generation_config
+
+        return gguf_generation_config(model_config.gguf_file)
+    path = os.path.join(model_config.model, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _as_id_set(v: Any) -> set[int]:
+    if v is None:
+        return set()
+    return {int(x) for x in v} if isinstance(v, (list, tuple)) else {int(v)}
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer: Any):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_model_len = config.scheduler_config.max_model_len
+        self.vocab_size = config.model_config.vocab_size
+        self.generation_config = load_generation_config(config.model_config)
+        self.eos_token_ids = _as_id_set(self.generation_config.get("eos_token_id"))
+        if not self.eos_token_ids and getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos_token_ids = {tokenizer.eos_token_id}
+
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's rule: the model's generation_config.json overrides SamplingParams' defaults."""
+        gc = self.generation_config
+        keys = {
+            "repetition_penalty": "repetition_penalty",
+            "temperature": "temperature",
+            "top_k": "top_k",
+            "top_p": "top_p",
+            "min_p": "min_p",
+            "max_new_tokens": "max_tokens",
+        }
+        kwargs = {ours: gc[theirs] for theirs, ours in keys.items() if gc.get(theirs) is not None}
+        if gc.get("do_sample") is False:
+            kwargs["temperature"] = 0.0
+        return SamplingParams(**kwargs)
+
+    def tokenize(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, str):
+            return ProcessedPrompt(prompt, self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return ProcessedPrompt(prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]])
+            if "prompt" in prompt:
+                return ProcessedPrompt(prompt["prompt"], self.tokenizer.encode(prompt["prompt"]))
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'.")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return ProcessedPrompt(None, list(prompt))
+        raise TypeError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}.")
+
+    def process(self, prompt: PromptType, params: SamplingParams | PoolingParams) -> ProcessedPrompt:
+        p = self.tokenize(prompt)
+        ids = p.prompt_token_ids
+        truncate = params.truncate_prompt_tokens
+        if truncate is not None and len(ids) > truncate:
+            ids = ids[-truncate:]  # keep the end of the prompt (vLLM's left truncation)
+            p = ProcessedPrompt(p.prompt, ids)
+        if not ids:
+            raise ValueError("The decoder prompt cannot be empty.")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocabulary size {self.vocab_size}).")
+        if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and isinstance(params, SamplingParams)):
+            raise ValueError(
+                f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of "
+                f"{self.max_model_len}. Make sure that `max_model_len` is no smaller than the number of text tokens "
+                "plus the tokens to generate, or set truncate_prompt_tokens."
+            )
+        if isinstance(params, SamplingParams):
+            self._prepare_sampling(params, len(ids))
+        elif isinstance(params, PoolingParams):
+            limit = self.config.scheduler_config.max_num_batched_tokens
+            if len(ids) > limit:
+                raise ValueError(
+                    f"The pooling prompt (length {len(ids)}) is longer than max_num_batched_tokens ({limit}); "
+                    "pooling prompts are computed in one step."
+                )
+        return p
+
+    def _prepare_sampling(self, params: SamplingParams, prompt_len: int) -> None:
+        params.verify_for_model(self.vocab_size, self.config.max_logprobs)
+        params.update_from_generation_config(self.eos_token_ids)
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - prompt_len
+        if params.bad_words and params._bad_words_token_ids is None:
+            seqs: list[list[int]] = []
+            for word in params.bad_words:
+                for text in (word, " " + word.lstrip()):
+                    ids = self.tokenizer.encode(text, add_special_tokens=False)
+                    if ids and ids not in seqs:
+                        seqs.append(ids)
+            params._bad_words_token_ids = seqs

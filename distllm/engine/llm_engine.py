@@ -1,0 +1,196 @@
+"""LLMEngine: schedule, execute, update. The step API under `LLM` and `AsyncLLMEngine`."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Iterable
+
+from distllm.config import EngineArgs, EngineConfig
+from distllm.core.request import Request, RequestStatus
+from distllm.core.scheduler import Scheduler
+from distllm.engine.input_processor import InputProcessor, PromptType, load_tokenizer
+from distllm.engine.output_processor import OutputProcessor
+from distllm.executor.base import EngineDeadError, create_executor
+from distllm.logger import init_logger
+from distllm.outputs import PoolingRequestOutput, RequestOutput
+from distllm.params import PoolingParams, SamplingParams
+
+logger = init_logger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(config.model_config)
+        t_tok = time.perf_counter()
+        self.input_processor = InputProcessor(config, self.tokenizer)
+        self.executor = create_executor(config)
+        self.dead_error: str | None = None
+        try:
+            num_blocks = self.executor.start()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        config.cache_config.num_blocks = num_blocks
+        sc = config.scheduler_config
+        self.scheduler = Scheduler(
+            num_blocks=num_blocks,
+            block_size=config.cache_config.block_size,
+            max_num_seqs=sc.max_num_seqs,
+            max_num_batched_tokens=sc.max_num_batched_tokens,
+            max_model_len=sc.max_model_len,
+            enable_prefix_caching=config.cache_config.enable_prefix_caching,
+            policy=sc.policy,
+            hash_salt=secrets.token_bytes(16),
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._parents: dict[str, list[str]] = {}
+        logger.info(
+            "Engine ready in %.2f s (tokenizer %.2f s): %s, max_model_len %d, %d KV blocks of %d tokens, executor %s",
+            time.perf_counter() - t0, t_tok - t0, config.model_config.architecture, sc.max_model_len,
+            num_blocks, config.cache_config.block_size, config.parallel_config.distributed_executor_backend,
+        )
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        return cls(engine_args.create_engine_config())
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.input_processor.default_sampling_params()
+
+    def _check_runner(self, params: SamplingParams | PoolingParams) -> None:
+        runner = self.model_config.runner
+        if isinstance(params, SamplingParams) and runner != "generate":
+            raise ValueError(
+                f"this model runs with runner='{runner}'; generation needs a model loaded with runner='generate'."
+            )
+        if isinstance(params, PoolingParams) and runner != "pooling":
+            raise ValueError(
+                f"this model runs with runner='{runner}'; pooling (embed/classify/score/reward) needs runner='pooling'."
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | PoolingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Validate and queue one request; a bad request raises here and changes nothing."""
+        self._raise_if_dead()
+        if request_id in self._parents or request_id in self.scheduler.requests:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        self._check_runner(params)
+        params = params.clone()
+        processed = self.input_processor.process(prompt, params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        ids = processed.prompt_token_ids
+        if isinstance(params, PoolingParams):
+            self.output_processor.add_request(request_id, processed.prompt, ids, params, arrival)
+            self.scheduler.add_request(Request(request_id, ids, pooling_params=params, arrival_time=arrival, priority=priority))
+            self._parents[request_id] = [request_id]
+            return
+        n = params.n
+        if n == 1:
+            children = [(request_id, params)]
+        else:
+            self.output_processor.add_parent(request_id, n, processed.prompt, ids, arrival)
+            children = []
+            for i in range(n):
+                child = params.clone()
+                child.n = 1
+                if params.seed is not None:
+                    child.seed = params.seed + i  # distinct but reproducible samples per child
+                children.append((f"{i}_{request_id}", child))
+        try:
+            for i, (cid, cp) in enumerate(children):
+                self.output_processor.add_request(
+                    cid, processed.prompt, ids, cp, arrival, parent_id=request_id if n > 1 else None, index=i
+                )
+                self.scheduler.add_request(Request(cid, ids, sampling_params=cp, arrival_time=arrival, priority=priority))
+        except Exception:
+            added = [cid for cid, _ in children if cid in self.scheduler.requests]
+            self.scheduler.abort_requests(added)
+            self.output_processor.abort_requests([request_id] + added)
+            raise
+        self._parents[request_id] = [cid for cid, _ in children]
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        core_ids = []
+        for rid in ids:
+            core_ids.extend(self._parents.pop(rid, [rid]))
+        self.scheduler.abort_requests(core_ids)
+        self.output_processor.abort_requests(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.output_processor.get_num_unfinished_requests()
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
+        self._raise_if_dead()
+        plan = self.scheduler.schedule()
+        if plan.is_empty() and not plan.finished_req_ids and not plan.preempted_req_ids:
+            return []
+        try:
+            result = self.executor.execute(plan)
+        except EngineDeadError as e:
+            self._die(str(e))
+            raise
+        if result.errors:
+            self._die("; ".join(result.errors))
+            raise EngineDeadError(self.dead_error)
+        core_outputs = self.scheduler.update_from_output(plan, result)
+        processed = self.output_processor.process_outputs(core_outputs)
+        if processed.reqs_to_abort:
+            # Stop strings are found on the driver: the scheduler must free those requests too.
+            self.scheduler.finish_requests(processed.reqs_to_abort, RequestStatus.FINISHED_STOPPED)
+        for out in processed.request_outputs:
+            if out.finished:
+                self._parents.pop(out.request_id, None)
+        return processed.request_outputs
+
+    def _raise_if_dead(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead_error}")
+
+    def _die(self, why: str) -> None:
+        self.dead_error = why
+        logger.error("Engine dead: %s; failing %d requests", why, self.get_num_unfinished_requests())
+        self.scheduler.abort_requests(list(self.scheduler.requests))
+        self.output_processor.abort_requests(list(self._parents))
+        self._parents.clear()
+        self.executor.shutdown()
+
+    # ---- maintenance ---------------------------------------------------------------------------
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.reset_prefix_cache()
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.scheduler.make_stats()
+
+    def shutdown(self) -> None:
+        ex = getattr(self, "executor", None)
+        if ex is not None:
+            ex.shutdown()
+            self.executor = None
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass

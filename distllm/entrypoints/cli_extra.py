@@ -1,0 +1,13 @@
+"""Subcommands beyond generate/chat, each in its own module: bench (and serve, launch as they land)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from distllm.entrypoints import bench_throughput
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bench_throughput.register(bsub)

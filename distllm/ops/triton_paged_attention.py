@@ -1,0 +1,374 @@
+"""Triton paged attention: prefill chunks and decode tokens of a mixed batch in one launch.
+
+Same signature and semantics as `paged_attention.paged_attention_ref` (layouts documented
+there), plus two optional host ints so the grid is sized without a device sync:
+
+    paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                    causal=True, max_query_len=None, max_seq_len=None, num_splits=None)
+
+Design
+------
+* One program = one query tile of one sequence x one kv head (x one KV split).
+  The tile packs BLOCK_Q consecutive new tokens of the sequence times all GROUP query heads
+  that share the kv head (GQA packing): row m of the [BLOCK_M, D] tile is token
+  m // GROUP_PAD, head kvh * GROUP + m % GROUP_PAD. Each K/V tile is therefore loaded once
+  per kv-head group, and decode (1 token x GROUP heads) still feeds tl.dot with >= 16 rows.
+* Grid axis 0 enumerates query tiles of all sequences without knowing per-sequence lengths
+  on the host: sequence b owns tiles [qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1),
+  so the grid is num_tokens // BLOCK_Q + batch and each program finds its sequence by a
+  binary search over query_start_loc (tiles past a sequence's end exit at once). The grid
+  depends only on tensor shapes, which keeps the launch CUDA-graph friendly.
+* The KV loop walks BLOCK_N keys at a time (several pages): each key's physical block is
+  looked up in the block table, so BLOCK_N is independent of the page size. Causal tiles
+  stop at their last query's position. fp32 accumulation, online softmax in the exp2
+  domain (scale * log2(e) folded into the scores).
+* Split-KV (flash-decoding): with NUM_SPLITS > 1 grid axis 2 divides each tile's KV range
+  into NUM_SPLITS chunks; programs write unnormalised fp32 partials (acc, running max,
+  running sum) and a small reduce kernel combines them. Chosen on CUDA when the batch has
+  short queries and too few (tile, kv head) programs to fill the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+# The Triton interpreter's tl.dot mishandles bfloat16 (numpy has no bf16): upcast there.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tuning knobs (host side).
+PREFILL_BLOCK_M = 64  # rows (tokens x heads) of a query tile when a batch holds prefills
+DECODE_BLOCK_M = 16  # minimum rows of a decode tile (tl.dot wants >= 16)
+BLOCK_N = 64  # keys per KV-loop iteration (spans several pages)
+SPLIT_MIN_KEYS = 512  # keys a split should at least cover
+MAX_SPLITS = 32
+NUM_STAGES = 2  # software pipelining depth of the KV loop
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    scale_log2,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_kcd,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    stride_vcd,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Which sequence owns query tile pid_q: the last b with qsl[b] // BLOCK_Q + b <= pid_q.
+    lo = pid_q * 0  # int32 tensors (num_seqs may be specialised to a constexpr 1)
+    hi = lo + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        go_right = first_tile <= pid_q
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    seq = lo - 1
+
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    tile_q0 = (pid_q - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if tile_q0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len  # position of the sequence's first new token
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_local = offs_m // GROUP_PAD
+    q_idx = tile_q0 + q_local
+    head_in_group = offs_m % GROUP_PAD
+    row_valid = (q_local < BLOCK_Q) & (q_idx < q_len) & (head_in_group < GROUP)
+    head = kvh * GROUP + head_in_group
+    tok = (q_start + q_idx).to(tl.int64)
+    qpos = ctx + q_idx
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    if CAUSAL:
+        kv_end = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + BLOCK_Q, q_len))
+    else:
+        kv_end = seq_len
+    if NUM_SPLITS == 1:
+        n_lo = 0
+        n_hi = kv_end
+    else:
+        n_chunks = tl.cdiv(kv_end, BLOCK_N)
+        per_split = tl.cdiv(n_chunks, NUM_SPLITS) * BLOCK_N
+        n_lo = split * per_split
+        n_hi = tl.minimum(kv_end, n_lo + per_split)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kvh.to(tl.int64) * stride_kch
+    v_base = v_cache_ptr + kvh.to(tl.int64) * stride_vch
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        blk = tl.load(bt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        in_page = offs_n % PAGE_SIZE
+        k = tl.load(
+            k_base + blk[None, :] * stride_kcb + in_page[None, :] * stride_kcs + offs_d[:, None] * stride_kcd,
+            mask=n_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        if DOT_F32:
+            k = k.to(tl.float32)
+        if IEEE_DOT:
+            s = tl.dot(q, k, input_precision="ieee")
+        else:
+            s = tl.dot(q, k)
+        s = s * scale_log2
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= qpos[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(
+            v_base + blk[:, None] * stride_vcb + in_page[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        if DOT_F32:
+            v = v.to(tl.float32)
+        if IEEE_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc += tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+            o.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_mask[None, :],
+        )
+    else:
+        part = (tok * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        tl.store(
+            part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+            acc,
+            mask=row_valid[:, None] & d_mask[None, :],
+        )
+
+
+@triton.jit
+def _split_reduce_kernel(
+    out_ptr,
+    part_o_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_mask = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    base = (t * NUM_HEADS + h) * NUM_SPLITS
+    m = tl.load(part_m_ptr + base + offs_s, mask=s_mask, other=-1.0e30)
+    l = tl.load(part_l_ptr + base + offs_s, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(w * l, 0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    o = tl.load(
+        part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    o = tl.sum(o * w[:, None], 0) / denom
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d * stride_od, o.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _choose_splits(q: torch.Tensor, programs: int, max_query_len: int, max_seq_len: int | None, seq_lens: torch.Tensor) -> int:
+    """Split the KV range when a short-query batch leaves most SMs idle."""
+    if not q.is_cuda or max_query_len > 16:
+        return 1
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max().item())  # device sync: callers should pass it
+    by_len = max_seq_len // SPLIT_MIN_KEYS
+    by_sms = triton.cdiv(2 * sms, max(programs, 1))
+    return max(1, min(by_len, by_sms, MAX_SPLITS))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """out [T, H, D]; see the module docstring. num_splits forces a split-KV count (tests)."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, d_cache = k_cache.shape
+    assert d_cache == head_dim and v_cache.shape == k_cache.shape
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    batch = seq_lens.shape[0]
+    assert query_start_loc.shape[0] == batch + 1
+    out = torch.empty_like(q)
+    if num_tokens == 0 or batch == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if max_query_len <= 1:
+        block_m = max(DECODE_BLOCK_M, group_pad)
+        block_q = 1
+    else:
+        block_m = max(PREFILL_BLOCK_M if block_d <= 128 else PREFILL_BLOCK_M // 2, group_pad)
+        block_q = block_m // group_pad
+        # Don't spread a short query over mostly-empty rows.
+        block_q = min(block_q, triton.next_power_of_2(max_query_len))
+        block_m = max(DECODE_BLOCK_M, block_q * group_pad)
+    block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2
+    num_tiles = num_tokens // block_q + batch
+    busy_tiles = min(num_tiles, batch * triton.cdiv(max_query_len, block_q))
+
+    if num_splits is None:
+        num_splits = _choose_splits(q, busy_tiles * num_kv_heads, max_query_len, max_seq_len, seq_lens)
+    num_splits = max(1, int(num_splits))
+
+    if num_splits > 1:
+        part_o = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_m = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_o = part_m = part_l = out  # unused
+
+    num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    _paged_attn_kernel[(num_tiles, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_o,
+        part_m,
+        part_l,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        float(scale) * _LOG2E,
+        batch,
+        *q.stride(),
+        *out.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE_SIZE=page_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        CAUSAL=bool(causal),
+        IEEE_DOT=q.dtype == torch.float32,
+        DOT_F32=_INTERPRET and k_cache.dtype == torch.bfloat16,
+        num_warps=num_warps,
+        num_stages=NUM_STAGES,
+    )
+    if num_splits > 1:
+        _split_reduce_kernel[(num_tokens, num_heads)](
+            out,
+            part_o,
+            part_m,
+            part_l,
+            *out.stride(),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if block_d >= 128 else 2,
+        )
+    return out
