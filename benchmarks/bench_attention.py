@@ -137,7 +137,7 @@ def main() -> None:
         base = (tpa.BLOCK_N, tpa.NUM_STAGES)
         for batch, ctx in [(1, 32768), (8, 4096), (64, 4096), (256, 4096)]:
             best = None
-            for bn, st in itertools.product([16, 32, 64, 128], [1, 2, 3, 4]):
+            for bn, st in itertools.product([32, 64, 128], [2, 3, 4]):
                 tpa.BLOCK_N, tpa.NUM_STAGES = bn, st
                 try:
                     ms, nbytes, splits, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype)

@@ -480,7 +480,7 @@ class WorkerChannel(_Endpoint):
     def synced(self) -> bool:
         return self._synced
 
-    def _next(self, deadline: float) -> tuple[int, bytes] | None:
+    def _next(self, deadline: float, stop_on_sync: bool = False) -> tuple[int, bytes] | None:
         while True:
             frames = self._recv(self._sub, deadline)
             if frames is None:
@@ -496,6 +496,8 @@ class WorkerChannel(_Endpoint):
                 if not self._synced:
                     self._synced = True
                     self._push.send_multipart(self._frames(KIND_CTL, 0, _ctl(CTL_ACK, rank=self.rank), self.rank))
+                    if stop_on_sync:
+                        return None
             elif cmd == CTL_SHUTDOWN:
                 raise ShutdownRequested()
             else:
@@ -505,7 +507,7 @@ class WorkerChannel(_Endpoint):
         """Wait for the driver's first sync and ack it (recv_plan also does this on its own)."""
         deadline = time.monotonic() + timeout_s
         while not self._synced:
-            got = self._next(deadline)
+            got = self._next(deadline, stop_on_sync=True)
             if got is None:
                 return self._synced
             self._pending.append(got)  # a plan before the sync: keep it for recv_plan

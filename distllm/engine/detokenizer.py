@@ -153,7 +153,7 @@ class IncrementalDetokenizer:
             if i == -1:
                 continue
             cand = (i + len(s), i, s)
-            if best is None:
+            if best is None or cand[:2] < best[:2]:
                 best = cand
         self._stop_check_offset = len(text)
         if best is None:

@@ -178,8 +178,6 @@ class OutputProcessor:
         group_id = parent_id if parent_id is not None else request_id
         group = self.groups.get(group_id)
         if group is None:
-            if parent_id is None and request_id in self.groups:
-                raise ValueError(f"Request id {request_id} is already running.")
             pending = self._pending_parents.pop(group_id, None) or {}
             n = pending.get("n") or (params.n if parent_id is not None else 1)
             group = _GroupState(

@@ -11,3 +11,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bench_throughput.register(bsub)
+    # Each further subcommand registers itself here with one line.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from distllm.ops import dispatch
-from distllm.ops.paged_attention import varlen_attention_ref
+from distllm.ops.paged_attention import paged_decode_ref, varlen_attention_ref
 
 
 @dataclass
@@ -77,6 +77,8 @@ class Attention(nn.Module):
             dispatch.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if caches is None or (meta.fresh_prefill_only and not q.is_cuda):
             out = varlen_attention_ref(q, k, v, meta.query_start_loc, self.scale, meta.causal)
+        elif meta.max_query_len == 1 and not dispatch.use_triton(q):
+            out = paged_decode_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
         else:
             out = dispatch.paged_attention(
                 q,

@@ -96,3 +96,27 @@ def varlen_attention_ref(
         if e > s:
             out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, causal).to(out.dtype)
     return out
+
+
+def paged_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per sequence (q [B, H, D]): the whole batch in one masked SDPA call,
+    which on CPU beats one call per sequence by the number of sequences."""
+    b, h, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    g = h // hkv
+    bt = block_tables.long()
+    # [B, M, block_size, Hkv, D] -> [B, Hkv, M * block_size, D]
+    k = k_cache[bt].reshape(b, -1, hkv, d).transpose(1, 2)
+    v = v_cache[bt].reshape(b, -1, hkv, d).transpose(1, 2)
+    max_len = k.shape[2]
+    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(torch.long)  # [B, L]
+    qg = q.view(b, hkv, g, d)  # query head h uses kv head h // g
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return out.reshape(b, h, d)

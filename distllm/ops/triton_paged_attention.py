@@ -282,7 +282,14 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """out [T, H, D]; see the module docstring. num_splits forces a split-KV count (tests)."""
+    """out [T, H, D]; see the module docstring.
+
+    max_query_len / max_seq_len: host ints (pass them: computing them syncs with the device,
+    which also breaks CUDA-graph capture when a split-KV decision needs max_seq_len). Any
+    split count is correct for any context length, so a decode graph captured with
+    max_seq_len = the model's max length stays valid for every replay.
+    num_splits: force the split-KV count (tests, benchmarks); None = heuristic (CUDA only).
+    """
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, d_cache = k_cache.shape
     assert d_cache == head_dim and v_cache.shape == k_cache.shape

@@ -107,7 +107,7 @@ class ModelRunner:
         result = StepResult(step_id=plan.step_id)
         if plan.is_empty():
             return result
-        inputs = build_step_inputs(plan, self.states, self.block_size, self.device, causal=True)
+        inputs = build_step_inputs(plan, self.states, self.block_size, self.device, causal=getattr(self.model, "is_causal", True))
         with forward_context(inputs.meta, self.kv_caches):
             hidden = self.model(inputs.input_ids, inputs.positions)
         per_req: dict[str, RequestResult] = {}
