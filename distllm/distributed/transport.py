@@ -101,7 +101,8 @@ class WorkerError(RuntimeError):
     """Raised by ``DriverChannel.recv_result`` when a worker sent an error frame."""
 
     def __init__(self, rank: int, message: str, step_id: int | None = None):
-        super().__init__(f"worker rank {rank} failed" + (f" at step {step_id}" if step_id is not None else "") + f": {message}")
+        at = f" at step {step_id}" if step_id is not None else ""
+        super().__init__(f"worker rank {rank} failed{at}: {message}")
         self.rank = rank
         self.message = message
         self.step_id = step_id

@@ -25,10 +25,40 @@ def load_tokenizer(model_config: ModelConfig):
 
     tok_path = model_config.tokenizer
     if tok_path.endswith(".gguf"):
-        from distllm.models.gguf_loader import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(tok_path)
+        return _load_gguf_tokenizer_cached(tok_path)
     return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code)
+
+
+def _tokenizer_cache_dir(gguf_path: str) -> str:
+    import hashlib
+
+    st = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.realpath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    root = os.environ.get("DISTLLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "distllm")
+    return os.path.join(root, "gguf-tokenizers", key)
+
+
+def _load_gguf_tokenizer_cached(gguf_path: str):
+    """Building a fast tokenizer from GGUF metadata takes seconds; its saved form loads in a fraction."""
+    from transformers import AutoTokenizer
+
+    from distllm.models.gguf_loader import load_gguf_tokenizer
+
+    cache = _tokenizer_cache_dir(gguf_path)
+    if os.path.isfile(os.path.join(cache, "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(cache)
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt below
+            pass
+    tok = load_gguf_tokenizer(gguf_path)
+    try:
+        tmp = cache + f".tmp{os.getpid()}"
+        tok.save_pretrained(tmp)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only home: just rebuild next time
+    return tok
 
 
 def load_generation_config(model_config: ModelConfig) -> dict[str, Any]:

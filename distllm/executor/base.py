@@ -6,6 +6,9 @@ from abc import ABC, abstractmethod
 
 from distllm.config import EngineConfig
 from distllm.core.plan import StepPlan, StepResult
+from distllm.logger import init_logger
+
+logger = init_logger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -30,14 +33,33 @@ class Executor(ABC):
         """Raise EngineDeadError when a worker is gone."""
 
 
+def _ray_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
 def create_executor(config: EngineConfig) -> Executor:
-    backend = config.parallel_config.distributed_executor_backend
+    pc = config.parallel_config
+    backend = pc.distributed_executor_backend
     if backend == "uni":
-        if config.parallel_config.tensor_parallel_size != 1:
+        if pc.tensor_parallel_size != 1:
             raise ValueError("distributed_executor_backend='uni' runs one worker; use 'mp' or 'ray' for tp > 1.")
         from distllm.executor.uni import UniExecutor
 
         return UniExecutor(config)
-    raise NotImplementedError(
-        f"distributed_executor_backend={backend!r} is not implemented yet; tensor_parallel_size > 1 needs it."
-    )
+    if backend == "ray" and not _ray_installed():
+        logger.warning(
+            "distributed_executor_backend='ray' but Ray is not installed (pip install ray); "
+            "falling back to 'mp' (worker processes on this host)."
+        )
+        pc.distributed_executor_backend = backend = "mp"
+    if backend == "mp":
+        from distllm.executor.mp import MPExecutor
+
+        return MPExecutor(config)
+    if backend == "ray":
+        from distllm.executor.ray import RayExecutor
+
+        return RayExecutor(config)
+    raise ValueError(f"unknown distributed_executor_backend {backend!r}; expected 'uni', 'mp' or 'ray'.")

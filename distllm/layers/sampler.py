@@ -190,7 +190,10 @@ class Sampler(nn.Module):
             for i in allowed_rows:
                 restricted[i] = True
             keep = (~_to_device(restricted, torch.bool, device)).view(B, 1).expand(B, V).clone()
-            keep[_to_device([0]*len(rows), torch.long, device), _to_device(cols, torch.long, device)] = True
+            keep.index_put_(
+                (_to_device(rows, torch.long, device), _to_device(cols, torch.long, device)),
+                torch.ones((), dtype=torch.bool, device=device),
+            )
             x.masked_fill_(~keep, ninf)
 
         # Bad words, min_tokens: (row, token) pairs banned, decided on the host.
@@ -214,7 +217,11 @@ class Sampler(nn.Module):
                 ban_rows += [i] * len(stops)
                 ban_cols += list(stops)
         if ban_rows:
-            x[_to_device(ban_rows, torch.long, device), _to_device(ban_cols, torch.long, device)] = ninf
+            # index_put_ with a device value: a Python scalar value would be copied with a sync.
+            x.index_put_(
+                (_to_device(ban_rows, torch.long, device), _to_device(ban_cols, torch.long, device)),
+                torch.full((), ninf, dtype=torch.float32, device=device),
+            )
 
         # logit_bias: added.
         b_rows, b_cols, b_vals = [], [], []

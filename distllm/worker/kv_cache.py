@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-_CPU_DEFAULT_KV_BYTES = 1 << 30
+_CPU_DEFAULT_KV_BYTES = 512 << 20
 
 
 @dataclass
@@ -34,6 +34,8 @@ def cpu_num_blocks(spec: KVCacheSpec, max_tokens_wanted: int, memory_bytes: int 
 
 def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    # On CPU, untouched pages cost nothing until used (kernels never read unwritten slots).
-    alloc = torch.zeros if device.type == "cuda" else torch.empty
-    return [(alloc(shape, dtype=spec.dtype, device=device), alloc(shape, dtype=spec.dtype, device=device)) for _ in range(spec.num_layers)]
+    # Zeros, not empty: masked-out slots still meet the value matmul (0 * NaN would poison it).
+    return [
+        (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
+        for _ in range(spec.num_layers)
+    ]

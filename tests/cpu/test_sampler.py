@@ -214,6 +214,28 @@ def test_filters_never_sample_outside_allowed(logits, temperature, top_k, top_p,
             assert tok in allowed, (tok, allowed)
 
 
+@pytest.mark.parametrize(
+    "sp",
+    [
+        {"top_k": 4},
+        {"top_p": 0.35},
+        {"min_p": 0.6},
+        {"top_k": 6, "top_p": 0.5},
+        {"min_p": 0.3, "top_p": 0.6},
+        {"top_k": 8, "min_p": 0.5, "temperature": 0.5},
+    ],
+)
+def test_filters_exact_set_on_flat_distribution(sp):
+    """Near-flat logits: the sampled set must be exactly the reference set (not a subset)."""
+    V, n = 16, 3000
+    logits = torch.arange(V, dtype=torch.float32) * 0.1
+    torch.manual_seed(3)
+    out = sampler(logits.repeat(n, 1), [state(**sp) for _ in range(n)]).sampled_token_ids
+    z = (logits / sp.get("temperature", 1.0)).tolist()
+    want = reference_allowed(z, 1.0, sp.get("top_k", -1), sp.get("top_p", 1.0), sp.get("min_p", 0.0), tol=0.0)
+    assert set(out.tolist()) == want
+
+
 def test_top_k_one_and_tiny_top_p_are_argmax():
     logits = torch.randn(10, 30)
     out_k = sampler(logits, [state(top_k=1, seed=i) for i in range(10)]).sampled_token_ids

@@ -1,0 +1,145 @@
+"""The worker side of the ``mp`` and ``ray`` executors: one loop per tensor-parallel rank.
+
+Everything a worker gets is a plain value (the EngineConfig dict, the TransportConfig dict,
+ints and strings), so the same function runs in a spawned process and inside a Ray actor.
+
+Protocol on top of ``distllm.distributed.transport`` (all frames HMAC-signed, msgpack only):
+
+1. The worker connects its channel and finishes the transport handshake first (so the driver
+   knows every rank is subscribed before model loading starts).
+2. It starts the Worker (device, TP group, weights, profiling) and reports
+   ``res`` step ``STARTED_STEP`` with ``{"rank", "num_blocks"}``.
+3. The driver publishes ``plan`` step ``INIT_KV_STEP`` with ``{"num_blocks": min over ranks}``;
+   every rank allocates exactly that many blocks and reports ``res`` step ``KV_READY_STEP``.
+4. Step loop: every ``plan`` with step id >= 0 is a StepPlan; all ranks run it, rank 0 replies.
+   Any exception is sent as an ``err`` frame (with the traceback) and the worker exits: the
+   other ranks may be stuck in a collective, and the driver tears the whole group down.
+5. A ``ctl shutdown`` ends the loop; the TP group is destroyed and the channel closed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+import msgpack
+
+STARTED_STEP = -1
+INIT_KV_STEP = -1
+KV_READY_STEP = -2
+
+_HANDSHAKE_TIMEOUT_S = 120.0
+_POLL_S = 1.0
+
+
+def _set_cpu_threads(engine_config: dict[str, Any], tp: int) -> None:
+    import torch
+
+    from distllm.models.source import resolve_device
+
+    if resolve_device(engine_config.get("device", "auto")) != "cuda":
+        # tp ranks share this host's cores: oversubscribing them makes gloo steps crawl.
+        n = max(1, (os.cpu_count() or 1) // max(1, tp))
+        torch.set_num_threads(n)
+
+
+def run_worker(
+    engine_config: dict[str, Any],
+    transport_config: dict[str, Any],
+    rank: int,
+    local_rank: int,
+    dist_init_method: str,
+    should_stop=None,
+) -> None:
+    """The whole life of one rank. ``should_stop()`` (optional) is polled between plans."""
+    from distllm.distributed.transport import ShutdownRequested, TransportConfig, WorkerChannel
+
+    tcfg = TransportConfig.from_dict(transport_config)
+    channel = WorkerChannel(tcfg, rank)
+    step_id = -1
+    worker = None
+    try:
+        if not channel.handshake(_HANDSHAKE_TIMEOUT_S):
+            raise TimeoutError(f"rank {rank}: no sync from the driver within {_HANDSHAKE_TIMEOUT_S}s")
+
+        from distllm.config import EngineConfig
+        from distllm.core.plan import decode_plan, encode_result
+        from distllm.worker.worker import Worker
+
+        config = EngineConfig.from_dict(engine_config)
+        tp = config.parallel_config.tensor_parallel_size
+        _set_cpu_threads(engine_config, tp)
+        worker = Worker(config, rank=rank, local_rank=local_rank, dist_init_method=dist_init_method)
+        num_blocks = worker.start()
+        channel.send_result(STARTED_STEP, msgpack.packb({"rank": rank, "num_blocks": int(num_blocks), "pid": os.getpid()}))
+
+        while True:
+            if should_stop is not None and should_stop():
+                return
+            try:
+                got = channel.recv_plan(_POLL_S)
+            except ShutdownRequested:
+                return
+            if got is None:
+                continue
+            step_id, payload = got
+            if step_id == INIT_KV_STEP:
+                n = int(msgpack.unpackb(payload, raw=False)["num_blocks"])
+                worker.init_kv_cache(n)
+                channel.send_result(KV_READY_STEP, msgpack.packb({"rank": rank, "num_blocks": n}))
+                continue
+            if step_id < 0:
+                continue
+            plan = decode_plan(payload)
+            result = worker.execute(plan)
+            if rank == 0:
+                channel.send_result(step_id, encode_result(result))
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, then the rank exits
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            try:
+                msg = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=20)}"
+                channel.send_error(msg, step_id if step_id >= 0 else None)
+                time.sleep(0.05)  # let the PUSH socket flush before LINGER=0 drops it
+            except Exception:  # noqa: BLE001
+                pass
+        raise
+    finally:
+        try:
+            from distllm.distributed.parallel_state import destroy_tensor_parallel
+
+            destroy_tensor_parallel()
+        except Exception:  # noqa: BLE001
+            pass
+        channel.close()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit at once when the driver process is gone (no orphans even after a driver SIGKILL)."""
+
+    def loop() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(1)
+            time.sleep(0.5)
+
+    threading.Thread(target=loop, name="distllm-parent-watch", daemon=True).start()
+
+
+def mp_main(
+    engine_config: dict[str, Any],
+    transport_config: dict[str, Any],
+    rank: int,
+    local_rank: int,
+    dist_init_method: str,
+    parent_pid: int,
+) -> None:
+    """Entry point of a worker process spawned by the ``mp`` executor."""
+    _watch_parent(parent_pid)
+    try:
+        run_worker(engine_config, transport_config, rank, local_rank, dist_init_method)
+    except BaseException:  # noqa: BLE001 - already reported as an err frame
+        os._exit(1)
+    os._exit(0)  # skip interpreter teardown (gloo / zmq threads); everything is closed already
