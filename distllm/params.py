@@ -221,6 +221,8 @@ class PoolingParams:
     use_activation: bool | None = None
     task: str | None = None  # "embed", "classify", "score", "reward", "encode"
     output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY
+    # Segment ids of a cross-encoder pair (tokenizer(text_1, text_2)["token_type_ids"]); set by LLM.score.
+    token_type_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:

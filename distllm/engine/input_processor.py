@@ -26,7 +26,13 @@ def load_tokenizer(model_config: ModelConfig):
     tok_path = model_config.tokenizer
     if tok_path.endswith(".gguf"):
         return _load_gguf_tokenizer_cached(tok_path)
-    return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot load the tokenizer from {tok_path!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
+            "Add tokenizer files (tokenizer.json, tokenizer_config.json) to the folder, or pass tokenizer=<folder>."
+        ) from None
 
 
 def _tokenizer_cache_dir(gguf_path: str) -> str:

@@ -19,7 +19,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--presence-penalty", type=float, default=None)
     g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--seed", dest="sampling_seed", type=int, default=None)
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--n", type=int, default=1)
     g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true")
@@ -59,19 +59,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    from distllm import LLM
-
-    llm = LLM(model=args.model, **_engine_kwargs(args))
-    sp = sampling_params_from_args(llm, args)
+def chat_loop(llm: Any, sp: Any, stdin: Any, stdout: Any, system: str | None = None, interactive: bool = False) -> list[dict[str, str]]:
+    """Read user turns line by line; every turn is answered with the whole history in context."""
     history: list[dict[str, str]] = []
-    if args.system:
-        history.append({"role": "system", "content": args.system})
-    interactive = sys.stdin.isatty()
+    if system:
+        history.append({"role": "system", "content": system})
     while True:
         if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+            print("> ", end="", flush=True, file=stdout)
+        line = stdin.readline()
         if not line:
             break
         text = line.strip()
@@ -82,7 +78,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": text})
         reply = llm.chat(history, sp, use_tqdm=False)[0].outputs[0].text
         history.append({"role": "assistant", "content": reply})
-        print(reply, flush=True)
+        print(reply, flush=True, file=stdout)
+    return history
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from distllm import LLM
+
+    llm = LLM(model=args.model, **_engine_kwargs(args))
+    sp = sampling_params_from_args(llm, args)
+    chat_loop(llm, sp, sys.stdin, sys.stdout, args.system, interactive=sys.stdin.isatty())
     llm.shutdown()
     return 0
 

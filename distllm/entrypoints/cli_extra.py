@@ -12,3 +12,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bench_throughput.register(bsub)
     # Each further subcommand registers itself here with one line.
+    __import__("distllm.entrypoints.serve_cli", fromlist=["register"]).register(sub)
+    __import__("distllm.entrypoints.bench_serve", fromlist=["register"]).register(bsub)
+    __import__("distllm.entrypoints.launch", fromlist=["register"]).register(sub)

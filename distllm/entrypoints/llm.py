@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from distllm.config import EngineArgs
 from distllm.engine.input_processor import PromptType
+from distllm.entrypoints.llm_pooling import PoolingMixin
 from distllm.engine.llm_engine import LLMEngine
 from distllm.outputs import BeamSearchOutput, PoolingRequestOutput, RequestOutput
 from distllm.params import BeamSearchParams, PoolingParams, SamplingParams
@@ -54,7 +55,7 @@ def normalize_conversation(messages: list[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
-class LLM:
+class LLM(PoolingMixin):
     """An LLM for offline inference: `LLM(model=...)`; no model = the embedded SmolLM2-135M-Instruct."""
 
     def __init__(self, model: str | None = None, **kwargs: Any):

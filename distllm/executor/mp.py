@@ -18,7 +18,7 @@ import msgpack
 from distllm.core.plan import StepPlan, StepResult, decode_result, encode_plan
 from distllm.distributed.transport import DriverChannel, TransportConfig, WorkerError
 from distllm.executor.base import EngineDeadError, Executor
-from distllm.executor.worker_proc import INIT_KV_STEP, KV_READY_STEP, STARTED_STEP
+from distllm.executor.worker_proc import GO_STEP, INIT_KV_STEP, KV_READY_STEP, STARTED_STEP
 from distllm.logger import init_logger
 
 logger = init_logger(__name__)
@@ -66,6 +66,7 @@ class TransportExecutor(Executor):
         self._launch_workers(self.config.to_dict(), self.transport.to_dict())
         deadline = time.monotonic() + _START_TIMEOUT_S
         self._wait_for_handshake(deadline)
+        self.channel.send_plan(GO_STEP, b"")
         started = self._collect(STARTED_STEP, deadline, "start")
         self.worker_pids.update({int(d["rank"]): int(d["pid"]) for d in started})
         num_blocks = min(int(d["num_blocks"]) for d in started)

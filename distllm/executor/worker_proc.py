@@ -5,8 +5,9 @@ ints and strings), so the same function runs in a spawned process and inside a R
 
 Protocol on top of ``distllm.distributed.transport`` (all frames HMAC-signed, msgpack only):
 
-1. The worker connects its channel and finishes the transport handshake first (so the driver
-   knows every rank is subscribed before model loading starts).
+1. The worker connects its channel, finishes the transport handshake, and waits for the
+   driver's ``plan`` step ``GO_STEP`` (sent once *every* rank is subscribed: a report sent
+   before the driver's handshake ends would be dropped by it).
 2. It starts the Worker (device, TP group, weights, profiling) and reports
    ``res`` step ``STARTED_STEP`` with ``{"rank", "num_blocks"}``.
 3. The driver publishes ``plan`` step ``INIT_KV_STEP`` with ``{"num_blocks": min over ranks}``;
@@ -27,11 +28,13 @@ from typing import Any
 
 import msgpack
 
+GO_STEP = -3  # driver -> workers once every rank is subscribed: start loading
 STARTED_STEP = -1
 INIT_KV_STEP = -1
 KV_READY_STEP = -2
 
 _HANDSHAKE_TIMEOUT_S = 120.0
+_GO_TIMEOUT_S = 1800.0  # the other ranks may still be starting (Ray actors, slow imports)
 _POLL_S = 1.0
 
 
@@ -61,9 +64,17 @@ def run_worker(
     channel = WorkerChannel(tcfg, rank)
     step_id = -1
     worker = None
+    step_times: list[float] = []  # seconds inside decode + execute + reply, per step
     try:
         if not channel.handshake(_HANDSHAKE_TIMEOUT_S):
             raise TimeoutError(f"rank {rank}: no sync from the driver within {_HANDSHAKE_TIMEOUT_S}s")
+        deadline = time.monotonic() + _GO_TIMEOUT_S
+        while True:
+            got = channel.recv_plan(max(0.0, deadline - time.monotonic()))
+            if got is None:
+                raise TimeoutError(f"rank {rank}: no start message from the driver within {_GO_TIMEOUT_S}s")
+            if got[0] == GO_STEP:
+                break
 
         from distllm.config import EngineConfig
         from distllm.core.plan import decode_plan, encode_result
@@ -93,10 +104,13 @@ def run_worker(
                 continue
             if step_id < 0:
                 continue
+            t0 = time.perf_counter()
             plan = decode_plan(payload)
             result = worker.execute(plan)
             if rank == 0:
                 channel.send_result(step_id, encode_result(result))
+            if len(step_times) < 100_000:
+                step_times.append(time.perf_counter() - t0)
     except BaseException as e:  # noqa: BLE001 - reported to the driver, then the rank exits
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             try:
@@ -107,6 +121,10 @@ def run_worker(
                 pass
         raise
     finally:
+        if os.environ.get("DISTLLM_WORKER_STATS") and step_times:
+            med = sorted(step_times)[len(step_times) // 2]
+            print(f"distllm worker rank {rank}: {len(step_times)} steps, median {1e3 * med:.2f} ms/step in execute",
+                  flush=True)
         try:
             from distllm.distributed.parallel_state import destroy_tensor_parallel
 

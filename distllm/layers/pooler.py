@@ -171,12 +171,44 @@ class Pooler:
 ST_CONFIG_KEY = "sentence_transformers"
 
 
+def _tokenizer_sep_token_id(folder: str) -> int | None:
+    """The [SEP] id of a BERT tokenizer folder (tokenizer_config.json + tokenizer.json or vocab.txt)."""
+    sep = "[SEP]"
+    tc = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tc):
+        with open(tc) as f:
+            v = json.load(f).get("sep_token", sep)
+        sep = v.get("content", sep) if isinstance(v, dict) else (v or sep)
+    tj = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(tj):
+        with open(tj) as f:
+            data = json.load(f)
+        for t in data.get("added_tokens") or []:
+            if t.get("content") == sep:
+                return int(t["id"])
+        vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict) and sep in vocab:
+            return int(vocab[sep])
+    vt = os.path.join(folder, "vocab.txt")
+    if os.path.isfile(vt):
+        with open(vt, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.rstrip("\n") == sep:
+                    return i
+    return None
+
+
 def apply_sentence_transformers_config(cfg: dict[str, Any], folder: str | None) -> dict[str, Any]:
-    """config.json dict + a sentence-transformers folder -> the dict with `cfg["sentence_transformers"]`
-    ({"pooling_type", "normalize", "max_seq_length"}), read by the pooling models. Meant to be called by
-    the model source resolver; idempotent; returns cfg unchanged for non-sentence-transformers folders."""
+    """config.json dict + its model folder -> the dict with what the pooling models read from the folder's
+    other files: `cfg["sentence_transformers"]` ({"pooling_type", "normalize", "max_seq_length"}) for a
+    sentence-transformers folder, and for BERT the tokenizer's `sep_token_id` when config.json lacks it.
+    Meant to be called by the model source resolver (before hf_overrides); idempotent."""
     if ST_CONFIG_KEY in cfg:
         return cfg
+    if cfg.get("model_type") == "bert" and cfg.get("sep_token_id") is None and folder and os.path.isdir(folder):
+        sep = _tokenizer_sep_token_id(folder)  # BERT cross-encoders derive pair token types from [SEP]
+        if sep is not None:
+            cfg = {**cfg, "sep_token_id": sep}
     st = SentenceTransformersConfig.read(folder)
     if st.pooling_type is None and st.normalize is None and st.max_seq_length is None:
         return cfg

