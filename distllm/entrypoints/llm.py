@@ -222,6 +222,7 @@ class LLM(PoolingMixin):
         pooling_task: str = "encode",
     ) -> list[PoolingRequestOutput]:
         self._require_runner("pooling", "encode")
+        self._check_task(pooling_task, "encode")
         plist = _as_prompt_list(prompts)
         if pooling_params is None:
             pooling_params = PoolingParams()

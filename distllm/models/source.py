@@ -118,6 +118,9 @@ def resolve_model_source(args: "EngineArgs") -> "ModelConfig":
             load_format = "gguf"
     else:
         cfg = _read_hf_config(model)
+        from distllm.layers.pooler import apply_sentence_transformers_config
+
+        cfg = apply_sentence_transformers_config(cfg, model)
         if load_format == "auto":
             load_format = "safetensors"
         if load_format == "gguf":
@@ -130,6 +133,9 @@ def resolve_model_source(args: "EngineArgs") -> "ModelConfig":
         runner = "pooling" if registry.is_pooling_architecture(arch) else "generate"
 
     derived = _derive_max_len(cfg)
+    st_len = (cfg.get("sentence_transformers") or {}).get("max_seq_length")
+    if st_len:
+        derived = min(derived, int(st_len))
     if cfg.get("model_type") == "mistral" and cfg.get("sliding_window"):
         # Full attention equals sliding-window attention while sequences fit in the window.
         derived = min(derived, int(cfg["sliding_window"]))

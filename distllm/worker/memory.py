@@ -58,8 +58,9 @@ def profile_num_gpu_blocks(runner: "ModelRunner", spec: KVCacheSpec) -> int:
     pos = torch.cat([torch.arange(n, device=device) for n in lens])
     with forward_context(meta, None):
         hidden = runner.model(ids, pos)
-        # The sampler sees at most one row per sequence.
-        runner.model.compute_logits(hidden[: cfg.scheduler_config.max_num_seqs]).float().softmax(-1)
+        if hasattr(runner.model, "compute_logits"):
+            # The sampler sees at most one row per sequence.
+            runner.model.compute_logits(hidden[: cfg.scheduler_config.max_num_seqs]).float().softmax(-1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del hidden

@@ -108,8 +108,15 @@ class ModelRunner:
         if plan.is_empty():
             return result
         inputs = build_step_inputs(plan, self.states, self.block_size, self.device, causal=getattr(self.model, "is_causal", True))
+        kwargs = {}
+        if getattr(self.model, "accepts_token_type_ids", False):
+            from distllm.models.bert import step_token_type_ids
+
+            tt = step_token_type_ids(plan.num_scheduled_tokens, self.states, self.device)
+            if tt is not None:
+                kwargs["token_type_ids"] = tt
         with forward_context(inputs.meta, self.kv_caches):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+            hidden = self.model(inputs.input_ids, inputs.positions, **kwargs)
         per_req: dict[str, RequestResult] = {}
 
         if inputs.sample_rows:

@@ -28,20 +28,12 @@ def minilm_folder() -> str:
 
 @pytest.fixture(scope="module")
 def st_hook():
-    """Until the model source resolver reads sentence-transformers files itself, apply the hook here."""
-    from distllm.layers.pooler import ST_CONFIG_KEY, apply_sentence_transformers_config
-    from distllm.models import source
+    """The resolver reads the sentence-transformers files: pooling config and the 256-token cap."""
+    from distllm.layers.pooler import ST_CONFIG_KEY
 
-    orig = source._read_hf_config
-    probe = EngineArgs(model=minilm_folder(), device="cpu").create_engine_config().model_config
-    if ST_CONFIG_KEY in probe.hf_config:
-        yield {}  # the resolver applies sentence-transformers files (and caps max_model_len) itself
-        return
-    source._read_hf_config = lambda f: apply_sentence_transformers_config(orig(f), f)
-    try:
-        yield {"max_model_len": 256}  # what the resolver's cap from sentence_bert_config.json gives
-    finally:
-        source._read_hf_config = orig
+    mc = EngineArgs(model=minilm_folder(), device="cpu").create_engine_config().model_config
+    assert ST_CONFIG_KEY in mc.hf_config and mc.max_model_len == 256
+    return {}
 
 
 @pytest.fixture(scope="module")
