@@ -90,7 +90,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if device == "cpu":
         local_gpus = 0
     num_cpus = args.num_cpus or (max(args.tp, os.cpu_count() or 1) if device == "cpu" else None)
-    started = ensure_ray(args.address, num_cpus=num_cpus, num_gpus=local_gpus)
+    try:
+        started = ensure_ray(args.address, num_cpus=num_cpus, num_gpus=local_gpus)
+    except (ConnectionError, RuntimeError) as e:
+        raise ValueError(f"could not join the Ray cluster at {args.address or os.environ.get('RAY_ADDRESS')!r}: {e}") from None
     try:
         info = check_cluster(args.tp, args.nodes, device)
         os.environ["DISTLLM_RAY_PLACEMENT_STRATEGY"] = "STRICT_PACK" if args.nodes <= 1 else "PACK"

@@ -39,14 +39,23 @@ _POLL_S = 1.0
 
 
 def _set_cpu_threads(engine_config: dict[str, Any], tp: int) -> None:
+    """Intra-op threads per rank: tp ranks share this host's cores.
+
+    On CPU each rank gets cores // tp (oversubscribed gloo steps crawl). On GPU a rank's CPU
+    work is kernel launches and small input tensors: one thread, as vLLM does, since every
+    extra OpenMP pool spins on the cores the other ranks' launch threads need. OMP_NUM_THREADS
+    set by the user wins.
+    """
     import torch
 
     from distllm.models.source import resolve_device
 
-    if resolve_device(engine_config.get("device", "auto")) != "cuda":
-        # tp ranks share this host's cores: oversubscribing them makes gloo steps crawl.
-        n = max(1, (os.cpu_count() or 1) // max(1, tp))
-        torch.set_num_threads(n)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    if resolve_device(engine_config.get("device", "auto")) == "cuda":
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, tp)))
 
 
 def run_worker(

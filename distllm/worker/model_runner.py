@@ -31,6 +31,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.model: torch.nn.Module | None = None
         self.is_driver_rank = get_tp_rank() == 0
+        self.graphs = None  # DecodeGraphs once captured
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -63,6 +64,15 @@ class ModelRunner:
             "KV cache: %d blocks of %d tokens (%.2f GB) in %.2f s",
             num_blocks, self.block_size, num_blocks * spec.block_bytes / 1e9, time.perf_counter() - t0,
         )
+        if self.device.type == "cuda" and not self.config.enforce_eager and hasattr(self.model, "compute_logits"):
+            from distllm.worker.cuda_graph import DecodeGraphs
+
+            sc = self.config.scheduler_config
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len, self.block_size,
+                self.model.spec.hidden_size, self.dtype, self.device,
+            )
+            self.graphs.capture()
 
     # ---- plan diffs ---------------------------------------------------------------------------
 
@@ -115,8 +125,17 @@ class ModelRunner:
             tt = step_token_type_ids(plan.num_scheduled_tokens, self.states, self.device)
             if tt is not None:
                 kwargs["token_type_ids"] = tt
-        with forward_context(inputs.meta, self.kv_caches):
-            hidden = self.model(inputs.input_ids, inputs.positions, **kwargs)
+        use_graph = (
+            self.graphs is not None
+            and not kwargs
+            and not inputs.pool_spans
+            and self.graphs.can_run(len(inputs.req_ids), inputs.input_ids.shape[0])
+        )
+        if use_graph:
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            with forward_context(inputs.meta, self.kv_caches):
+                hidden = self.model(inputs.input_ids, inputs.positions, **kwargs)
         per_req: dict[str, RequestResult] = {}
 
         if inputs.sample_rows:
