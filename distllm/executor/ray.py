@@ -11,7 +11,6 @@ with an error).
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 from distllm.executor.base import EngineDeadError

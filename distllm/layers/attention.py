@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from distllm.ops import dispatch
-from distllm.ops.paged_attention import paged_decode_ref, varlen_attention_ref
+from distllm.ops.paged_attention import decode_mask, paged_decode_ref, varlen_attention_ref
 
 
 @dataclass
@@ -28,6 +28,8 @@ class AttentionMetadata:
     # Every sequence starts from position 0 this step: attention needs only the new K/V.
     fresh_prefill_only: bool = False
     causal: bool = True
+    # Per-step tensors derived once and shared by every layer (e.g. the CPU decode mask).
+    derived: dict | None = None
 
 
 @dataclass
@@ -78,7 +80,13 @@ class Attention(nn.Module):
         if caches is None or (meta.fresh_prefill_only and not q.is_cuda):
             out = varlen_attention_ref(q, k, v, meta.query_start_loc, self.scale, meta.causal)
         elif meta.max_query_len == 1 and not dispatch.use_triton(q):
-            out = paged_decode_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale)
+            if meta.derived is None:
+                meta.derived = {}
+            mask = meta.derived.get("decode_mask")
+            if mask is None:
+                max_len = meta.block_tables.shape[1] * k_cache.shape[1]
+                mask = meta.derived["decode_mask"] = decode_mask(meta.seq_lens, max_len)
+            out = paged_decode_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, mask)
         else:
             out = dispatch.paged_attention(
                 q,

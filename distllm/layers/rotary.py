@@ -47,15 +47,23 @@ class RotaryEmbedding(nn.Module):
         # [max_position, head_dim]: cos of both halves, then sin of both halves.
         cache = torch.cat([freqs.cos(), freqs.cos(), freqs.sin(), freqs.sin()], dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        # One instance serves every layer; all layers of a step pass the same positions tensor.
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H, D], k [T, Hkv, D], positions [T]."""
-        cs = self.cos_sin_cache.index_select(0, positions)  # [T, 2D]
-        cos, sin = cs[:, None, : self.head_dim], cs[:, None, self.head_dim :]  # [T, 1, D]
+        last = self._last
+        if last is not None and last[0] is positions and not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+            cos, sin = last[1], last[2]
+        else:
+            cs = self.cos_sin_cache.index_select(0, positions)  # [T, 2D]
+            cos = cs[:, None, : self.head_dim].to(q.dtype)  # [T, 1, D]
+            sin = cs[:, None, self.head_dim :].to(q.dtype)
+            self._last = (positions, cos, sin)
         return _apply(q, cos, sin), _apply(k, cos, sin)
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
+    return x * cos + rotated * sin

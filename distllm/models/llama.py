@@ -71,7 +71,7 @@ def _rope_scaling_from_parameters(params: dict[str, Any] | None) -> dict[str, An
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, spec: DecoderSpec, layer_idx: int, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.attention_bias or spec.qkv_bias, dtype
@@ -81,7 +81,7 @@ class DecoderAttention(nn.Module):
         self.q_size = self.num_heads * spec.head_dim
         self.kv_size = self.num_kv_heads * spec.head_dim
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.attention_bias, dtype)
-        self.rotary_emb = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
+        self.rotary_emb = rotary
         self.qk_norm = spec.qk_norm
         if spec.qk_norm:
             self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype)
@@ -115,9 +115,9 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer_idx: int, dtype: torch.dtype):
+    def __init__(self, spec: DecoderSpec, layer_idx: int, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = DecoderAttention(spec, layer_idx, dtype)
+        self.self_attn = DecoderAttention(spec, layer_idx, dtype, rotary)
         self.mlp = DecoderMLP(spec, dtype)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
@@ -139,7 +139,8 @@ class DecoderModel(nn.Module):
     def __init__(self, spec: DecoderSpec, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, dtype)
-        self.layers = nn.ModuleList([DecoderLayer(spec, i, dtype) for i in range(spec.num_layers)])
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
+        self.layers = nn.ModuleList([DecoderLayer(spec, i, dtype, rotary) for i in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,12 @@ def store_kv_ref(
     slot_mapping: torch.Tensor,
 ) -> None:
     num_blocks, block_size, hkv, d = k_cache.shape
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
+    if bool((slot_mapping < 0).any()):
+        valid = slot_mapping >= 0
+        slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
     # [num_blocks * block_size, hkv, d] views of the caches, so a slot indexes one row.
-    k_cache.view(-1, hkv, d)[slots] = key[valid].to(k_cache.dtype)
-    v_cache.view(-1, hkv, d)[slots] = value[valid].to(v_cache.dtype)
+    k_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
@@ -98,6 +99,12 @@ def varlen_attention_ref(
     return out
 
 
+def decode_mask(seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """[B, 1, 1, L] bool: which cached positions each decoding sequence attends to."""
+    m = torch.arange(max_len, device=seq_lens.device)[None, :] < seq_lens[:, None].to(torch.long)
+    return m[:, None, None, :]
+
+
 def paged_decode_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -105,6 +112,7 @@ def paged_decode_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence (q [B, H, D]): the whole batch in one masked SDPA call,
     which on CPU beats one call per sequence by the number of sequences."""
@@ -115,8 +123,8 @@ def paged_decode_ref(
     # [B, M, block_size, Hkv, D] -> [B, Hkv, M * block_size, D]
     k = k_cache[bt].reshape(b, -1, hkv, d).transpose(1, 2)
     v = v_cache[bt].reshape(b, -1, hkv, d).transpose(1, 2)
-    max_len = k.shape[2]
-    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].to(torch.long)  # [B, L]
+    if mask is None:
+        mask = decode_mask(seq_lens, k.shape[2])
     qg = q.view(b, hkv, g, d)  # query head h uses kv head h // g
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, h, d)

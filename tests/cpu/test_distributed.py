@@ -11,7 +11,6 @@ import signal
 import threading
 import time
 
-import msgpack
 import pytest
 
 from distllm.executor.base import EngineDeadError
