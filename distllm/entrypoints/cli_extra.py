@@ -15,3 +15,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     __import__("distllm.entrypoints.serve_cli", fromlist=["register"]).register(sub)
     __import__("distllm.entrypoints.bench_serve", fromlist=["register"]).register(bsub)
     __import__("distllm.entrypoints.launch", fromlist=["register"]).register(sub)
+    __import__("distllm.entrypoints.plan_cli", fromlist=["register"]).register(sub)
