@@ -26,6 +26,15 @@ SHAPES = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
     ),
+    "qwen3-0.6b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=1024,
+        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
+    ),
     "small": dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096, rope_theta=10000.0,
@@ -39,7 +48,8 @@ def make_model_dir(shape: str) -> tuple[str, dict]:
 
     folder = tempfile.mkdtemp(prefix=f"distllm-bench-{shape}-")
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, bos_token_id=1,
-               eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu", **SHAPES[shape])
+               eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16", hidden_act="silu")
+    cfg.update(SHAPES[shape])
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     vocab = cfg["vocab_size"]
@@ -51,9 +61,10 @@ def make_model_dir(shape: str) -> tuple[str, dict]:
 
 def param_bytes(cfg: dict) -> int:
     h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    hd = h // cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q = cfg["num_attention_heads"] * hd
     kv = cfg["num_key_value_heads"] * hd
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i
     return 2 * (L * per_layer + v * h)  # bf16; the embedding read is one row, the LM head is all of it
 
 
