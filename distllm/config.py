@@ -151,11 +151,10 @@ class EngineArgs:
     def create_engine_config(self) -> "EngineConfig":
         model_config = ModelConfig.resolve(self)
         max_len = model_config.max_model_len
-        batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs) if self.enable_chunked_prefill else max_len
-        if not self.enable_chunked_prefill and batched < max_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_len}) when chunked prefill is off."
-            )
+        if self.enable_chunked_prefill:
+            batched = self.max_num_batched_tokens or max(8192, self.max_num_seqs)
+        else:
+            batched = max_len  # without chunking a whole prompt must fit in one step
         sched = SchedulerConfig(
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=batched,

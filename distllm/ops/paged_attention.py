@@ -27,7 +27,7 @@ def store_kv_ref(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    num_blocks, block_size, hkv, d = k_cache.shape
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
     if bool((slot_mapping < 0).any()):
         valid = slot_mapping >= 0
         slot_mapping, key, value = slot_mapping[valid], key[valid], value[valid]
@@ -64,7 +64,7 @@ def paged_attention_ref(
     scale: float,
     causal: bool = True,
 ) -> torch.Tensor:
-    num_blocks, block_size, hkv, d = k_cache.shape
+    block_size, hkv, d = k_cache.shape[1:]
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
