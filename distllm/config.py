@@ -45,6 +45,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
+    # Build step N's outputs (detokenize, stop strings) while the device runs step N + 1.
+    disable_async_output_proc: bool = False
     cpu_offload_gb: float = 0.0
     enforce_eager: bool = False
     load_format: str = "auto"
@@ -131,6 +133,8 @@ class EngineArgs:
         g.add_argument("--max-num-batched-tokens", type=int, default=None)
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         g.add_argument("--scheduling-policy", type=str, default="fcfs", choices=list(_POLICIES))
+        g.add_argument("--disable-async-output-proc", action="store_true",
+                       help="build each step's outputs before the next step starts (one step less latency, less overlap)")
         g.add_argument("--cpu-offload-gb", type=float, default=0.0)
         g.add_argument("--enforce-eager", action="store_true")
         g.add_argument("--load-format", type=str, default="auto", choices=list(_LOAD_FORMATS))
@@ -160,6 +164,7 @@ class EngineArgs:
             max_num_batched_tokens=batched,
             max_model_len=max_len,
             policy=self.scheduling_policy,
+            async_output_processing=not self.disable_async_output_proc,
         )
         cache = CacheConfig(
             block_size=self.block_size,
@@ -241,6 +246,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     policy: str = "fcfs"
+    async_output_processing: bool = True
 
 
 @dataclass

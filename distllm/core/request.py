@@ -84,6 +84,13 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_from(self, start: int) -> list[int]:
+        """all_token_ids[start:] without building the whole list (the plan diff of a running request)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n :]
+        return self.prompt_token_ids[start:] + self.output_token_ids
+
     @property
     def max_tokens(self) -> int | None:
         return self.sampling_params.max_tokens if self.sampling_params is not None else None

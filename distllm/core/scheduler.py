@@ -280,7 +280,7 @@ class Scheduler:
                 plan.cached_requests.append(
                     CachedRequestData(
                         req_id=rid,
-                        new_token_ids=req.all_token_ids[req.num_tokens_sent :],
+                        new_token_ids=req.token_ids_from(req.num_tokens_sent),
                         new_block_ids=req.block_ids[req.num_blocks_sent :],
                         num_computed_tokens=req.num_computed_tokens,
                     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import secrets
 import time
 from typing import Any, Iterable
@@ -48,6 +49,13 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._parents: dict[str, list[str]] = {}
+        # Core outputs of the last step, turned into RequestOutputs during the next step.
+        self._pending: list = []
+        self.async_output_processing = config.scheduler_config.async_output_processing
+        # Start-up leaves millions of long-lived objects (weights' metadata, tokenizer tables);
+        # freezing them keeps the collector from rescanning them during every step.
+        gc.collect()
+        gc.freeze()
         logger.info(
             "Engine ready in %.2f s (tokenizer %.2f s): %s, max_model_len %d, %d KV blocks of %d tokens, executor %s",
             time.perf_counter() - t0, t_tok - t0, config.model_config.architecture, sc.max_model_len,
@@ -141,12 +149,16 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput | PoolingRequestOutput]:
+        """Run one step. With async output processing (the default) the outputs of step N are
+        built while the device runs step N + 1, so a step returns the previous step's outputs."""
         self._raise_if_dead()
         plan = self.scheduler.schedule()
         if plan.is_empty() and not plan.finished_req_ids and not plan.preempted_req_ids:
-            return []
+            return self._process(self._take_pending())
         try:
-            result = self.executor.execute(plan)
+            self.executor.submit(plan)
+            outputs = self._process(self._take_pending())  # overlaps the device's work on `plan`
+            result = self.executor.collect(plan)
         except EngineDeadError as e:
             self._die(str(e))
             raise
@@ -154,9 +166,22 @@ class LLMEngine:
             self._die("; ".join(result.errors))
             raise EngineDeadError(self.dead_error)
         core_outputs = self.scheduler.update_from_output(plan, result)
+        if self.async_output_processing:
+            self._pending = core_outputs
+            return outputs
+        return outputs + self._process(core_outputs)
+
+    def _take_pending(self) -> list:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _process(self, core_outputs: list) -> list[RequestOutput | PoolingRequestOutput]:
+        if not core_outputs:
+            return []
         processed = self.output_processor.process_outputs(core_outputs)
         if processed.reqs_to_abort:
             # Stop strings are found on the driver: the scheduler must free those requests too.
+            # A request already in the step in flight just has that step's token dropped.
             self.scheduler.finish_requests(processed.reqs_to_abort, RequestStatus.FINISHED_STOPPED)
         for out in processed.request_outputs:
             if out.finished:
@@ -170,6 +195,7 @@ class LLMEngine:
     def _die(self, why: str) -> None:
         self.dead_error = why
         logger.error("Engine dead: %s; failing %d requests", why, self.get_num_unfinished_requests())
+        self._pending = []
         self.scheduler.abort_requests(list(self.scheduler.requests))
         self.output_processor.abort_requests(list(self._parents))
         self._parents.clear()

@@ -12,7 +12,7 @@ from distllm.engine.input_processor import PromptType
 from distllm.entrypoints.llm_pooling import PoolingMixin
 from distllm.engine.llm_engine import LLMEngine
 from distllm.outputs import BeamSearchOutput, PoolingRequestOutput, RequestOutput
-from distllm.params import BeamSearchParams, PoolingParams, SamplingParams
+from distllm.params import BeamSearchParams, PoolingParams, RequestOutputKind, SamplingParams
 
 _VALID_ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -151,6 +151,14 @@ class LLM(PoolingMixin):
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(plist)
+        # As in vLLM: offline generation only wants each request's final output, which spares
+        # building a cumulative RequestOutput per request per step.
+        final: dict[int, SamplingParams] = {}
+        for p in params:
+            if isinstance(p, SamplingParams) and id(p) not in final:
+                final[id(p)] = p.clone()
+                final[id(p)].output_kind = RequestOutputKind.FINAL_ONLY
+        params = [final.get(id(p), p) for p in params]
         ids = self._add_all(plist, params, priority)
         return self._run(ids, use_tqdm, "Processed prompts")
 

@@ -24,7 +24,16 @@ class Executor(ABC):
         """Start the workers, load the model; return the KV block count every rank can hold."""
 
     @abstractmethod
-    def execute(self, plan: StepPlan) -> StepResult: ...
+    def submit(self, plan: StepPlan) -> None:
+        """Start the step; the driver may work on other things until collect()."""
+
+    @abstractmethod
+    def collect(self, plan: StepPlan) -> StepResult:
+        """Wait for the result of the plan last submitted."""
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.submit(plan)
+        return self.collect(plan)
 
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -41,6 +41,7 @@ class TransportExecutor(Executor):
         self.dead_reason: str | None = None
         self._closed = False
         self.worker_pids: dict[int, int] = {}
+        self._submitted_at = 0.0
 
     # ---- what subclasses provide -------------------------------------------------------------
 
@@ -110,12 +111,17 @@ class TransportExecutor(Executor):
             got[int(d["rank"])] = d
         return [got[r] for r in sorted(got)]
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def submit(self, plan: StepPlan) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(self.dead_reason)
+        self._submitted_at = time.monotonic()
+        self.channel.send_plan(plan.step_id, encode_plan(plan))
+
+    def collect(self, plan: StepPlan) -> StepResult:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         timeout = float(self.config.worker_timeout_s)
-        deadline = time.monotonic() + timeout
-        self.channel.send_plan(plan.step_id, encode_plan(plan))
+        deadline = self._submitted_at + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -14,8 +14,12 @@ class UniExecutor(Executor):
         self.worker.init_kv_cache(n)
         return n
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        return self.worker.execute(plan)
+    def submit(self, plan: StepPlan) -> None:
+        self._pending = self.worker.launch(plan)
+
+    def collect(self, plan: StepPlan) -> StepResult:
+        pending, self._pending = self._pending, None
+        return self.worker.finish(pending)
 
     def shutdown(self) -> None:
         from distllm.distributed.parallel_state import destroy_tensor_parallel

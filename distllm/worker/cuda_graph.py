@@ -19,6 +19,8 @@ from distllm.logger import init_logger
 
 logger = init_logger(__name__)
 
+_FULL_ROWS_COPY_BYTES = 1 << 20
+
 
 def graph_batch_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
     top = min(max_num_seqs, limit)
@@ -38,15 +40,31 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         max_blocks = -(-max_model_len // block_size)
         n = self.max_bs
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        # Static inputs. ids, positions and slots share one int64 buffer so that one host-to-device
+        # copy fills all three: [ids (n) | positions (n) | slots (n)].
+        self.packed = torch.zeros(3 * n, dtype=torch.int64, device=device)
+        self.input_ids = self.packed[:n]
+        self.positions = self.packed[n : 2 * n]
+        self.slot_mapping = self.packed[2 * n :]
+        self.slot_mapping.fill_(-1)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Pinned host staging for the same buffers: rows past the batch hold padding values
+        # (token 0, position 0, slot -1: nothing stored; context of one token).
+        pin = device.type == "cuda"
+        self.h_packed = torch.zeros(3 * n, dtype=torch.int64, pin_memory=pin)
+        self.h_packed[2 * n :] = -1
+        self.h_seq_lens = torch.ones(n, dtype=torch.int32, pin_memory=pin)
+        self.h_block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._hp = self.h_packed.numpy()
+        self._hs = self.h_seq_lens.numpy()
+        self._hb = self.h_block_tables.numpy()
+        self._last_b = 0
         self.hidden = torch.zeros((n, hidden_size), dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self._copied: torch.cuda.Event | None = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -85,19 +103,36 @@ class DecodeGraphs:
     def can_run(self, num_reqs: int, num_tokens: int) -> bool:
         return num_tokens == num_reqs and num_reqs <= self.max_bs
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        b = input_ids.shape[0]
+    def run(self, inputs) -> torch.Tensor:
+        """Replay the graph of the smallest bucket that holds this decode batch (a StepInputs)."""
+        b = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= b)
-        self.input_ids[:b].copy_(input_ids, non_blocking=True)
-        self.positions[:b].copy_(positions, non_blocking=True)
-        self.slot_mapping[:b].copy_(meta.slot_mapping, non_blocking=True)
-        m = meta.block_tables.shape[1]
-        self.block_tables[:b, :m].copy_(meta.block_tables, non_blocking=True)
-        self.seq_lens[:b].copy_(meta.seq_lens, non_blocking=True)
-        if bs > b:
-            self.input_ids[b:bs].zero_()
-            self.positions[b:bs].zero_()
-            self.slot_mapping[b:bs].fill_(-1)
-            self.seq_lens[b:bs].fill_(1)
+        n = self.max_bs
+        hp, hs = self._hp, self._hs
+        # The staging buffers must not be rewritten while the last step's copy may still read them.
+        if self._copied is not None:
+            self._copied.synchronize()
+        hp[:b] = inputs.input_ids
+        hp[n : n + b] = inputs.positions
+        hp[2 * n : 2 * n + b] = inputs.slot_mapping
+        hs[:b] = inputs.seq_lens
+        if self._last_b > b:  # rows the previous batch used are padding again
+            hp[b : self._last_b] = 0
+            hp[n + b : n + self._last_b] = 0
+            hp[2 * n + b : 2 * n + self._last_b] = -1
+            hs[b : self._last_b] = 1
+        self._last_b = b
+        m = inputs.block_tables.shape[1]
+        self._hb[:b, :m] = inputs.block_tables
+        self.packed.copy_(self.h_packed, non_blocking=True)
+        self.seq_lens[:bs].copy_(self.h_seq_lens[:bs], non_blocking=True)
+        # Columns past m are stale but never read (seq_lens bound them). Whole rows are one
+        # contiguous copy; with long max_model_len only the used columns are worth moving.
+        if bs * self._hb.shape[1] * 4 <= _FULL_ROWS_COPY_BYTES:
+            self.block_tables[:bs].copy_(self.h_block_tables[:bs], non_blocking=True)
+        else:
+            self.block_tables[:bs, :m].copy_(self.h_block_tables[:bs, :m].contiguous(), non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
         self.graphs[bs].replay()
         return self.hidden[:b]

@@ -1,4 +1,10 @@
-"""Per-request state a worker keeps across steps, and the tensors built from it for one step."""
+"""Per-request state a worker keeps across steps, and the host arrays built from it for one step.
+
+Block tables live in one persistent host array (a row per live request, updated from the plan's
+block diffs), so a step gathers its rows instead of rebuilding every table from Python lists.
+The step's inputs stay numpy arrays until the runner decides where they go: straight into the
+CUDA graph's static buffers for decode, or into fresh device tensors for an eager step.
+"""
 
 from __future__ import annotations
 
@@ -22,77 +28,154 @@ class CachedRequestState:
     sampling: Any = None  # distllm.layers.sampler.SamplingState for generation
     pooling: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
+    row: int = -1  # this request's row in the BlockTableHost
+
+
+class BlockTableHost:
+    """Block tables of every live request: row r holds the block ids of the request given row r."""
+
+    def __init__(self, max_blocks_per_seq: int, rows: int = 64):
+        self.width = max_blocks_per_seq
+        self.table = np.zeros((rows, max_blocks_per_seq), dtype=np.int32)
+        self.num_blocks = np.zeros(rows, dtype=np.int32)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def add(self, block_ids: list[int]) -> int:
+        if not self._free:
+            old = self.table.shape[0]
+            self.table = np.concatenate([self.table, np.zeros_like(self.table)])
+            self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+            self._free = list(range(2 * old - 1, old - 1, -1))
+        row = self._free.pop()
+        self.num_blocks[row] = 0
+        self.append(row, block_ids)
+        return row
+
+    def append(self, row: int, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        n = int(self.num_blocks[row])
+        if n + len(block_ids) > self.width:
+            raise RuntimeError(f"a request holds {n + len(block_ids)} blocks; max_model_len allows {self.width}")
+        self.table[row, n : n + len(block_ids)] = block_ids
+        self.num_blocks[row] = n + len(block_ids)
+
+    def remove(self, row: int) -> None:
+        self._free.append(row)
 
 
 @dataclass
 class StepInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    req_ids: list[str]  # batch order
+    """One step's model inputs as host arrays, in batch order."""
+
+    req_ids: list[str]
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    seq_lens: np.ndarray  # [B] int32: context length after this step
+    query_start_loc: np.ndarray  # [B + 1] int32
+    block_tables: np.ndarray  # [B, max blocks this step] int32
+    max_query_len: int
+    fresh_prefill_only: bool
+    causal: bool
     # Rows of the hidden states whose logits are sampled, and the requests they belong to.
     sample_rows: list[int] = field(default_factory=list)
     sample_req_ids: list[str] = field(default_factory=list)
-    # Prompt-logprob rows: (req_id, hidden rows, target token ids, first prompt position).
+    # Prompt-logprob rows: (req_id, hidden rows, target token ids).
     prompt_lp: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
     # Pooling requests whose prompt is complete this step: (req_id, first row, last row + 1).
     pool_spans: list[tuple[str, int, int]] = field(default_factory=list)
 
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        def dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=dev(self.slot_mapping),
+            block_tables=dev(self.block_tables),
+            seq_lens=dev(self.seq_lens),
+            query_start_loc=dev(self.query_start_loc),
+            max_query_len=self.max_query_len,
+            max_seq_len=int(self.seq_lens.max()) if len(self.req_ids) else 0,
+            fresh_prefill_only=self.fresh_prefill_only,
+            causal=self.causal,
+        )
+        return dev(self.input_ids), dev(self.positions), meta
+
 
 def build_step_inputs(
-    plan: StepPlan, states: dict[str, CachedRequestState], block_size: int, device: torch.device, causal: bool
+    plan: StepPlan, states: dict[str, CachedRequestState], tables: BlockTableHost, block_size: int, causal: bool
 ) -> StepInputs:
     req_ids = list(plan.num_scheduled_tokens.keys())
-    counts = list(plan.num_scheduled_tokens.values())
-    total = sum(counts)
+    counts = np.fromiter(plan.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+    B = len(req_ids)
+    total = int(counts.sum())
     input_ids = np.empty(total, dtype=np.int64)
-    positions = np.empty(total, dtype=np.int64)
-    seq_lens = np.empty(len(req_ids), dtype=np.int32)
-    qsl = np.zeros(len(req_ids) + 1, dtype=np.int32)
-    max_blocks = max((len(states[r].block_ids) for r in req_ids), default=1) or 1
-    block_tables = np.zeros((len(req_ids), max_blocks), dtype=np.int32)
-    out = StepInputs(None, None, None, req_ids)  # type: ignore[arg-type]
-    fresh = True
+    start = np.empty(B, dtype=np.int64)  # first position computed this step, per request
+    rows = np.empty(B, dtype=np.int64)
+    sample_rows: list[int] = []
+    sample_req_ids: list[str] = []
+    prompt_lp: list[tuple[str, list[int], list[int]]] = []
+    pool_spans: list[tuple[str, int, int]] = []
     row = 0
-    for i, (rid, n) in enumerate(zip(req_ids, counts)):
+    for i, rid in enumerate(req_ids):
         st = states[rid]
+        n = int(counts[i])
         nc = st.num_computed_tokens
         end = nc + n
-        if end > len(st.token_ids):
-            raise RuntimeError(f"plan schedules {end} tokens of {rid} but the worker knows {len(st.token_ids)}")
-        fresh &= nc == 0
-        input_ids[row : row + n] = st.token_ids[nc:end]
-        positions[row : row + n] = np.arange(nc, end)
-        seq_lens[i] = end
-        qsl[i + 1] = qsl[i] + n
-        block_tables[i, : len(st.block_ids)] = st.block_ids
+        toks = st.token_ids
+        if end > len(toks):
+            raise RuntimeError(f"plan schedules {end} tokens of {rid} but the worker knows {len(toks)}")
+        if n == 1:
+            input_ids[row] = toks[nc]
+        else:
+            input_ids[row : row + n] = toks[nc:end]
+        start[i] = nc
+        rows[i] = st.row
         if st.pooling is not None:
             if end == st.num_prompt_tokens:
-                out.pool_spans.append((rid, row, row + n))
-        elif end == len(st.token_ids):
-            out.sample_rows.append(row + n - 1)
-            out.sample_req_ids.append(rid)
+                pool_spans.append((rid, row, row + n))
+        elif end == len(toks):
+            sample_rows.append(row + n - 1)
+            sample_req_ids.append(rid)
         if st.prompt_logprobs is not None:
             # Row for position p predicts prompt token p + 1.
             last = min(end, st.num_prompt_tokens - 1)
             if last > nc:
-                out.prompt_lp.append((rid, list(range(row, row + last - nc)), st.token_ids[nc + 1 : last + 1]))
+                prompt_lp.append((rid, list(range(row, row + last - nc)), toks[nc + 1 : last + 1]))
         row += n
-    bt = torch.from_numpy(block_tables)
+    seq_lens = (start + counts).astype(np.int32)
+    qsl = np.zeros(B + 1, dtype=np.int32)
+    np.cumsum(counts, out=qsl[1:])
+    max_query_len = int(counts.max()) if B else 0
+    if max_query_len == 1:
+        positions = start
+        row_of_token = np.arange(B)
+    else:
+        # positions: start[i] .. start[i] + counts[i] - 1 for each request, concatenated
+        row_of_token = np.repeat(np.arange(B), counts)
+        positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1].astype(np.int64) - start, counts)
+    width = max(1, int(tables.num_blocks[rows].max())) if B else 1
+    block_tables = tables.table[rows, :width]
     # slot of position p = block_ids[p // block_size] * block_size + p % block_size
-    pos_t = torch.from_numpy(positions)
-    row_of_token = torch.repeat_interleave(torch.arange(len(req_ids)), torch.tensor(counts, dtype=torch.int64))
-    slots = bt[row_of_token, pos_t // block_size].long() * block_size + pos_t % block_size
-    out.input_ids = torch.from_numpy(input_ids).to(device, non_blocking=True)
-    out.positions = pos_t.to(device, non_blocking=True)
-    out.meta = AttentionMetadata(
-        slot_mapping=slots.to(device, non_blocking=True),
-        block_tables=bt.to(device, non_blocking=True),
-        seq_lens=torch.from_numpy(seq_lens).to(device, non_blocking=True),
-        query_start_loc=torch.from_numpy(qsl).to(device, non_blocking=True),
-        max_query_len=max(counts, default=0),
-        max_seq_len=int(seq_lens.max()) if len(req_ids) else 0,
-        fresh_prefill_only=fresh,
+    slots = block_tables[row_of_token, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    return StepInputs(
+        req_ids=req_ids,
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slots,
+        seq_lens=seq_lens,
+        query_start_loc=qsl,
+        block_tables=block_tables,
+        max_query_len=max_query_len,
+        fresh_prefill_only=bool((start == 0).all()),
         causal=causal,
+        sample_rows=sample_rows,
+        sample_req_ids=sample_req_ids,
+        prompt_lp=prompt_lp,
+        pool_spans=pool_spans,
     )
-    return out

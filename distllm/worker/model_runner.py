@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,10 +14,35 @@ from distllm.layers.attention import forward_context
 from distllm.layers.sampler import Sampler, SamplingState, compute_token_logprobs
 from distllm.logger import init_logger
 from distllm.models.loader import load_model, torch_dtype
-from distllm.worker.input_batch import CachedRequestState, build_step_inputs
+from distllm.worker.input_batch import BlockTableHost, CachedRequestState, build_step_inputs
 from distllm.worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks
 
 logger = init_logger(__name__)
+
+
+@dataclass
+class _PendingStep:
+    """A launched step: its result is complete once the host copies (event) have landed."""
+
+    result: StepResult
+    per_req: dict[str, RequestResult] = field(default_factory=dict)
+    sample_req_ids: list[str] = field(default_factory=list)
+    sample_states: list = field(default_factory=list)
+    host: list | None = None  # [sampled ids, logprob ids, logprobs, ranks] on the host (or None)
+    event: "torch.cuda.Event | None" = None
+
+
+def _to_host(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Start device-to-host copies into pinned memory without waiting for them."""
+    out: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is None or t.device.type == "cpu":
+            out.append(t)
+        else:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            out.append(h)
+    return out
 
 
 class ModelRunner:
@@ -32,6 +58,9 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.is_driver_rank = get_tp_rank() == 0
         self.graphs = None  # DecodeGraphs once captured
+        self.block_tables = BlockTableHost(
+            -(-config.scheduler_config.max_model_len // self.block_size), rows=config.scheduler_config.max_num_seqs + 8
+        )
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -92,13 +121,19 @@ class ModelRunner:
             sampling=sampling,
             pooling=r.pooling,
             prompt_logprobs=prompt_lp,
+            row=self.block_tables.add(r.block_ids),
         )
+
+    def _drop(self, rid: str) -> None:
+        st = self.states.pop(rid, None)
+        if st is not None:
+            self.block_tables.remove(st.row)
 
     def apply_plan(self, plan: StepPlan) -> None:
         for rid in plan.finished_req_ids:
-            self.states.pop(rid, None)
+            self._drop(rid)
         for rid in plan.preempted_req_ids:
-            self.states.pop(rid, None)
+            self._drop(rid)
         for r in plan.new_requests:
             self._add_request(r)
         for c in plan.cached_requests:
@@ -106,18 +141,27 @@ class ModelRunner:
             st.token_ids.extend(c.new_token_ids)
             if st.sampling is not None:
                 st.sampling.output_token_ids.extend(c.new_token_ids)
-            st.block_ids.extend(c.new_block_ids)
+            if c.new_block_ids:
+                st.block_ids.extend(c.new_block_ids)
+                self.block_tables.append(st.row, c.new_block_ids)
             st.num_computed_tokens = c.num_computed_tokens
 
     # ---- one step ---------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> "_PendingStep":
+        """Apply the plan and queue the step's GPU work; the host copies of the sampled ids are in
+        flight when this returns, so the driver can process the previous step meanwhile."""
         self.apply_plan(plan)
-        result = StepResult(step_id=plan.step_id)
+        pending = _PendingStep(StepResult(step_id=plan.step_id))
         if plan.is_empty():
-            return result
-        inputs = build_step_inputs(plan, self.states, self.block_size, self.device, causal=getattr(self.model, "is_causal", True))
+            return pending
+        inputs = build_step_inputs(
+            plan, self.states, self.block_tables, self.block_size, causal=getattr(self.model, "is_causal", True)
+        )
         kwargs = {}
         if getattr(self.model, "accepts_token_type_ids", False):
             from distllm.models.bert import step_token_type_ids
@@ -129,31 +173,34 @@ class ModelRunner:
             self.graphs is not None
             and not kwargs
             and not inputs.pool_spans
-            and self.graphs.can_run(len(inputs.req_ids), inputs.input_ids.shape[0])
+            and self.graphs.can_run(len(inputs.req_ids), inputs.num_tokens)
         )
         if use_graph:
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            hidden = self.graphs.run(inputs)
         else:
-            with forward_context(inputs.meta, self.kv_caches):
-                hidden = self.model(inputs.input_ids, inputs.positions, **kwargs)
-        per_req: dict[str, RequestResult] = {}
+            input_ids, positions, meta = inputs.to_device(self.device)
+            with forward_context(meta, self.kv_caches):
+                hidden = self.model(input_ids, positions, **kwargs)
+        per_req = pending.per_req
 
         if inputs.sample_rows:
-            rows = torch.tensor(inputs.sample_rows, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
+            if len(inputs.sample_rows) == hidden.shape[0]:
+                sampled_hidden = hidden  # a decode step samples every row, in order
+            else:
+                rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)
+                sampled_hidden = hidden.index_select(0, rows)
+            logits = self.model.compute_logits(sampled_hidden).float()
             states = [self.states[r].sampling for r in inputs.sample_req_ids]
             out = self.sampler(logits, states)
             if self.is_driver_rank:
-                ids = out.sampled_token_ids.tolist()
-                lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
-                lps = out.logprobs.tolist() if out.logprobs is not None else None
-                ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
-                for i, rid in enumerate(inputs.sample_req_ids):
-                    rr = per_req.setdefault(rid, RequestResult(rid))
-                    rr.sampled_token_ids = [ids[i]]
-                    k = states[i].params.get("logprobs")
-                    if lp_ids is not None and k is not None:
-                        rr.logprobs = TokenLogprobs([lp_ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
+                pending.sample_req_ids = inputs.sample_req_ids
+                pending.sample_states = states
+                pending.host = _to_host(
+                    [out.sampled_token_ids, out.logprob_token_ids, out.logprobs, out.sampled_ranks]
+                )
+                if self.device.type == "cuda":
+                    pending.event = torch.cuda.Event()
+                    pending.event.record()
 
         for rid, rows, targets in inputs.prompt_lp:
             k = self.states[rid].prompt_logprobs
@@ -166,9 +213,30 @@ class ModelRunner:
 
         if inputs.pool_spans:
             self._pool(hidden, inputs, per_req)
+        return pending
 
-        result.results = list(per_req.values())
-        return result
+    def finish(self, pending: "_PendingStep") -> StepResult:
+        """Wait for the step's sampled ids and build its StepResult (rank 0's is the one sent)."""
+        per_req = pending.per_req
+        if pending.host is not None:
+            if pending.event is not None:
+                pending.event.synchronize()
+            ids_t, lp_ids_t, lps_t, ranks_t = pending.host
+            ids = ids_t.tolist()
+            lp_ids = lp_ids_t.tolist() if lp_ids_t is not None else None
+            lps = lps_t.tolist() if lps_t is not None else None
+            ranks = ranks_t.tolist() if ranks_t is not None else None
+            for i, rid in enumerate(pending.sample_req_ids):
+                rr = per_req.get(rid)
+                if rr is None:
+                    rr = per_req[rid] = RequestResult(rid)
+                rr.sampled_token_ids = [ids[i]]
+                if lp_ids is not None:
+                    k = pending.sample_states[i].params.get("logprobs")
+                    if k is not None:
+                        rr.logprobs = TokenLogprobs([lp_ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
+        pending.result.results = list(per_req.values())
+        return pending.result
 
     def _pool(self, hidden: torch.Tensor, inputs, per_req: dict[str, RequestResult]) -> None:
         pool = getattr(self.model, "pool", None)

@@ -49,6 +49,12 @@ class Worker:
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
 
+    def launch(self, plan: StepPlan):
+        return self.runner.launch(plan)
+
+    def finish(self, pending) -> StepResult:
+        return self.runner.finish(pending)
+
     def start(self) -> int:
         """All start-up phases; returns this rank's KV block count."""
         t0 = time.perf_counter()

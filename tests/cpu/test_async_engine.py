@@ -169,16 +169,16 @@ def test_engine_death_ends_every_stream(tiny_models):
     eng = AsyncLLMEngine.from_engine_args(
         EngineArgs(model=tiny_models["llama"], device="cpu", num_gpu_blocks_override=32), log_stats=False
     )
-    real_execute = eng.engine.executor.execute
+    real_collect = eng.engine.executor.collect
     calls = {"n": 0}
 
-    def dying_execute(plan):
+    def dying_collect(plan):
         calls["n"] += 1
         if calls["n"] > 3:
             raise EngineDeadError("worker 0 exited")
-        return real_execute(plan)
+        return real_collect(plan)
 
-    eng.engine.executor.execute = dying_execute
+    eng.engine.executor.collect = dying_collect
 
     async def main():
         async def one(i):

@@ -346,7 +346,7 @@ def test_health_503_once_dead(tiny_models):
     def die(plan):
         raise EngineDeadError("worker 0 exited")
 
-    engine.engine.executor.execute = die
+    engine.engine.executor.submit = die
     try:
         with ServerThread(build_app(engine, [TINY])) as srv, httpx.Client(base_url=srv.base_url, timeout=30) as c:
             assert c.get("/health").status_code == 200
