@@ -136,6 +136,10 @@ class BlockManager:
         ``num_new_tokens`` more. Returns the block ids appended to ``request.block_ids``, or None
         (and changes nothing) when there are not enough free blocks.
         """
+        if not new_computed_blocks and (
+            request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        ):
+            return []  # the common decode step: the last block still has room
         if not self.can_allocate(request, num_new_tokens, new_computed_blocks):
             return None
         added: list[int] = []

@@ -32,7 +32,7 @@ def graph_batch_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: Callable, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 vocab_size: int, device: torch.device):
         self.model = model
         self.kv_caches = kv_caches
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -61,7 +61,9 @@ class DecodeGraphs:
         self._hs = self.h_seq_lens.numpy()
         self._hb = self.h_block_tables.numpy()
         self._last_b = 0
-        self.hidden = torch.zeros((n, hidden_size), dtype=dtype, device=device)
+        # One static logits buffer for every bucket: per-bucket outputs left in the shared pool
+        # would add up to sum(buckets) rows of the vocabulary (> 1 GB for 150k-token vocabularies).
+        self.logits = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self._copied: torch.cuda.Event | None = None
@@ -78,9 +80,11 @@ class DecodeGraphs:
         )
 
     def _run(self, bs: int) -> None:
+        # The LM head is inside the graph too: its matmul (and the TP all-gather) would
+        # otherwise be launched from Python every step.
         with forward_context(self._meta(bs), self.kv_caches):
-            out = self.model(self.input_ids[:bs], self.positions[:bs])
-        self.hidden[:bs].copy_(out)
+            hidden = self.model(self.input_ids[:bs], self.positions[:bs])
+        self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -104,7 +108,8 @@ class DecodeGraphs:
         return num_tokens == num_reqs and num_reqs <= self.max_bs
 
     def run(self, inputs) -> torch.Tensor:
-        """Replay the graph of the smallest bucket that holds this decode batch (a StepInputs)."""
+        """Replay the graph of the smallest bucket that holds this decode batch (a StepInputs);
+        returns the float32 logits of its rows."""
         b = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= b)
         n = self.max_bs
@@ -135,4 +140,4 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()
         self._copied.record()
         self.graphs[bs].replay()
-        return self.hidden[:b]
+        return self.logits[:b]

@@ -99,7 +99,7 @@ class ModelRunner:
             sc = self.config.scheduler_config
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                self.model.spec.hidden_size, self.dtype, self.device,
+                self.model.spec.vocab_size, self.device,
             )
             self.graphs.capture()
 
@@ -175,8 +175,9 @@ class ModelRunner:
             and not inputs.pool_spans
             and self.graphs.can_run(len(inputs.req_ids), inputs.num_tokens)
         )
+        hidden = graph_logits = None
         if use_graph:
-            hidden = self.graphs.run(inputs)
+            graph_logits = self.graphs.run(inputs)  # a decode step: every row is sampled, in order
         else:
             input_ids, positions, meta = inputs.to_device(self.device)
             with forward_context(meta, self.kv_caches):
@@ -184,12 +185,15 @@ class ModelRunner:
         per_req = pending.per_req
 
         if inputs.sample_rows:
-            if len(inputs.sample_rows) == hidden.shape[0]:
-                sampled_hidden = hidden  # a decode step samples every row, in order
+            if graph_logits is not None:
+                logits = graph_logits
             else:
-                rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)
-                sampled_hidden = hidden.index_select(0, rows)
-            logits = self.model.compute_logits(sampled_hidden).float()
+                if len(inputs.sample_rows) == hidden.shape[0]:
+                    sampled_hidden = hidden
+                else:
+                    rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)
+                    sampled_hidden = hidden.index_select(0, rows)
+                logits = self.model.compute_logits(sampled_hidden).float()
             states = [self.states[r].sampling for r in inputs.sample_req_ids]
             out = self.sampler(logits, states)
             if self.is_driver_rank:
