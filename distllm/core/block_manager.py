@@ -188,11 +188,15 @@ class BlockManager:
 
     def cache_full_blocks(self, request: "Request", num_computed_tokens: int) -> None:
         """Register the request's blocks that are full and computed in the prefix cache."""
-        if not self.enable_prefix_caching or request.is_pooling:
+        if not self.enable_prefix_caching:
+            return
+        start = self._num_cached_blocks.get(request.request_id, 0)
+        if num_computed_tokens < (start + 1) * self.block_size:
+            return  # no block filled since the last call: the per-step common case
+        if request.is_pooling:
             return
         num_full = min(num_computed_tokens, request.num_tokens, len(request.block_ids) * self.block_size)
         num_full //= self.block_size
-        start = self._num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return
         hashes = self._update_hashes(request, num_full * self.block_size)

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -90,10 +90,15 @@ class RequestResult:
 @dataclass
 class StepResult:
     step_id: int
+    # Per-request extras: logprobs, prompt logprobs, pooled outputs, errors (and tokens, if any
+    # producer prefers this form; they come after the column's token).
     results: list[RequestResult] = field(default_factory=list)
     # Errors that are not tied to one request (rank failures).
     errors: list[str] = field(default_factory=list)
     version: int = PLAN_VERSION
+    # The common case in columns: one sampled token per request (cheap to build, encode, read).
+    sampled_req_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
 
 
 # ---- msgpack encoding --------------------------------------------------------------------
@@ -150,6 +155,8 @@ def encode_result(res: StepResult) -> bytes:
         [
             res.version,
             res.step_id,
+            res.sampled_req_ids,
+            res.sampled_token_ids,
             [
                 [
                     r.req_id,
@@ -173,9 +180,11 @@ def decode_result(data: bytes) -> StepResult:
     _check_version(o[0])
     return StepResult(
         step_id=o[1],
+        sampled_req_ids=o[2],
+        sampled_token_ids=o[3],
         results=[
-            RequestResult(r[0], r[1], _lp_from_obj(r[2]), _lp_from_obj(r[3]), r[4], r[5], r[6]) for r in o[2]
+            RequestResult(r[0], r[1], _lp_from_obj(r[2]), _lp_from_obj(r[3]), r[4], r[5], r[6]) for r in o[4]
         ],
-        errors=o[3],
+        errors=o[5],
         version=o[0],
     )

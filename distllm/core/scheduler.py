@@ -297,13 +297,34 @@ class Scheduler:
 
     def update_from_output(self, plan: StepPlan, result: StepResult) -> list[EngineCoreOutput]:
         by_id = {r.req_id: r for r in result.results}
+        sampled = dict(zip(result.sampled_req_ids, result.sampled_token_ids))
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching
+        running = RequestStatus.RUNNING
         for rid in plan.num_scheduled_tokens:
             req = self.requests.get(rid)
-            if req is None or req.status != RequestStatus.RUNNING:
+            if req is None or req.status != running:
                 continue  # aborted or preempted meanwhile
             res = by_id.get(rid)
+            tok = sampled.get(rid)
+            if res is None and not req.is_pooling:
+                # The common case, kept lean: at most one sampled token and nothing else.
+                if caching:
+                    bm.cache_full_blocks(req, req.num_computed_tokens)
+                if tok is None:
+                    continue  # a prefill chunk that samples nothing yet
+                req.output_token_ids.append(tok)
+                if self._check_stop(req, tok):
+                    finished.append(req)
+                outputs.append(
+                    EngineCoreOutput(
+                        rid, [tok], None, None, None, RequestStatus.finish_reason(req.status), req.stop_reason,
+                        max(req.num_cached_tokens, 0),
+                    )
+                )
+                continue
             if res is not None and res.error is not None:
                 req.error = res.error
                 finished.append(req)
@@ -321,13 +342,15 @@ class Scheduler:
                     req.status = RequestStatus.FINISHED_STOPPED
                     if res is not None:
                         pooled = (res.pooled, res.pooled_shape)
-            elif res is not None:
-                for tok in res.sampled_token_ids:
-                    req.output_token_ids.append(tok)
-                    new_tokens.append(tok)
-                    if self._check_stop(req, tok):
+            else:
+                toks = ([tok] if tok is not None else []) + (res.sampled_token_ids if res is not None else [])
+                for t in toks:
+                    req.output_token_ids.append(t)
+                    new_tokens.append(t)
+                    if self._check_stop(req, t):
                         break
-            self.block_manager.cache_full_blocks(req, req.num_computed_tokens)
+            if caching:
+                bm.cache_full_blocks(req, req.num_computed_tokens)
             if req.is_finished():
                 finished.append(req)
             if new_tokens or pooled is not None or req.is_finished() or (
@@ -355,12 +378,13 @@ class Scheduler:
     def _check_stop(self, req: Request, token: int) -> bool:
         """Sets the finished status after ``token`` was appended; True when the request stops."""
         sp = req.sampling_params
-        if sp is not None and req.num_output_tokens >= sp.min_tokens and token in sp.all_stop_token_ids:
+        num_out = len(req.output_token_ids)
+        if sp is not None and token in sp._all_stop_token_ids and num_out >= sp.min_tokens:
             req.status = RequestStatus.FINISHED_STOPPED
             req.stop_reason = token if token in (sp.stop_token_ids or ()) else None
             return True
-        max_tokens = req.max_tokens
-        if (max_tokens is not None and req.num_output_tokens >= max_tokens) or req.num_tokens >= self.max_model_len:
+        max_tokens = sp.max_tokens if sp is not None else None
+        if (max_tokens is not None and num_out >= max_tokens) or num_out + len(req.prompt_token_ids) >= self.max_model_len:
             req.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         return False

@@ -53,7 +53,7 @@ class IncrementalDetokenizer:
     ``output_text`` (the text so far, already cut at a stop string).
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams, lazy: bool = False) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self.detokenize = bool(params.detokenize) and tokenizer is not None
@@ -80,6 +80,10 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._prefix_text: str | None = ""
+        # Lazy: nobody reads the text before the request finishes (final-only outputs, no stop
+        # strings), so it is decoded once then, instead of twice per token along the way.
+        self.lazy = lazy and self.detokenize and not self.stop
+        self._lazy_ids: list[int] = []
         if self.detokenize:
             ctx = list(prompt_token_ids[-INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET:])
             if ctx:
@@ -143,6 +147,14 @@ class IncrementalDetokenizer:
         skipped = None
         if stop_terminated and new_token_ids and not self.include_stop_str_in_output:
             skipped = new_token_ids.pop()
+        if self.lazy:
+            self.output_token_ids.extend(new_token_ids)
+            self._lazy_ids.extend(new_token_ids)
+            if final:
+                self._flush_lazy()
+            if skipped is not None:
+                self.output_token_ids.append(skipped)
+            return None
         for tid in new_token_ids:
             self.output_token_ids.append(tid)
             self._tokens.append(tid)
@@ -158,6 +170,22 @@ class IncrementalDetokenizer:
         if self.stop and len(self.output_token_ids) > self.min_tokens:
             stop_string = self._check_stop_strings()
         return stop_string
+
+    def _flush_lazy(self) -> None:
+        """The text of every held-back token at once: decode(context + output) minus the context's
+        text. Where a tokenizer's decode is not prefix-stable, the incremental path runs instead."""
+        ids, self._lazy_ids = self._lazy_ids, []
+        if not ids:
+            return
+        ctx_text = self._prefix_text or ""
+        full = self._decode(self._tokens + ids)
+        if full.startswith(ctx_text) and not full.endswith(_REPLACEMENT):
+            self.output_text += full[len(ctx_text) :]
+            return
+        for tid in ids:
+            self._tokens.append(tid)
+            self.output_text += self._decode_next(final=False)
+        self.output_text += self._decode_next(final=True)
 
     def _check_stop_strings(self) -> str | None:
         text = self.output_text

@@ -192,7 +192,9 @@ class OutputProcessor:
             self.groups[group_id] = group
         elif index in group.children:
             raise ValueError(f"Request {group_id} already has a child with index {index}.")
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, params, lazy=params.output_kind == RequestOutputKind.FINAL_ONLY
+        )
         child = _ChildState(request_id, index, params, detok, group, queue)
         group.children[index] = child
         self.request_states[request_id] = child

@@ -48,6 +48,10 @@ class SamplingState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    # Params that always need stage 2 (masks, bias, penalties), decided once per request.
+    always_process: bool = False
+    # min_tokens with stop ids: stage 2 bans the stop ids until this many tokens are out.
+    min_tokens_with_stops: int = 0
     # Cached device copy of the prompt ids (for the repetition penalty).
     _prompt_tensor: torch.Tensor | None = field(default=None, repr=False)
 
@@ -62,11 +66,16 @@ class SamplingState:
         if params.get("seed") is not None:
             gen = torch.Generator(device=torch.device(device))
             gen.manual_seed(_mix_seed(int(params["seed"]), 0))
+        p = params
         return SamplingState(
             params=params,
             prompt_token_ids=list(prompt_token_ids),
             output_token_ids=list(output_token_ids or []),
             generator=gen,
+            always_process=bool(
+                p.get("allowed_token_ids") or p.get("bad_words_token_ids") or p.get("logit_bias") or _needs_penalties(p)
+            ),
+            min_tokens_with_stops=int(p.get("min_tokens", 0)) if p.get("stop_token_ids") else 0,
         )
 
     def prompt_tensor(self, device: torch.device) -> torch.Tensor:
@@ -161,12 +170,8 @@ class Sampler(nn.Module):
 
     @staticmethod
     def _needs_processing(params: list[dict], states: list[SamplingState]) -> bool:
-        for p, s in zip(params, states):
-            if p.get("allowed_token_ids") or p.get("bad_words_token_ids") or p.get("logit_bias"):
-                return True
-            if p.get("stop_token_ids") and len(s.output_token_ids) < p.get("min_tokens", 0):
-                return True
-            if _needs_penalties(p):
+        for s in states:
+            if s.always_process or len(s.output_token_ids) < s.min_tokens_with_stops:
                 return True
         return False
 

@@ -230,14 +230,15 @@ class ModelRunner:
             lp_ids = lp_ids_t.tolist() if lp_ids_t is not None else None
             lps = lps_t.tolist() if lps_t is not None else None
             ranks = ranks_t.tolist() if ranks_t is not None else None
-            for i, rid in enumerate(pending.sample_req_ids):
-                rr = per_req.get(rid)
-                if rr is None:
-                    rr = per_req[rid] = RequestResult(rid)
-                rr.sampled_token_ids = [ids[i]]
-                if lp_ids is not None:
+            pending.result.sampled_req_ids = pending.sample_req_ids
+            pending.result.sampled_token_ids = ids
+            if lp_ids is not None:
+                for i, rid in enumerate(pending.sample_req_ids):
                     k = pending.sample_states[i].params.get("logprobs")
                     if k is not None:
+                        rr = per_req.get(rid)
+                        if rr is None:
+                            rr = per_req[rid] = RequestResult(rid)
                         rr.logprobs = TokenLogprobs([lp_ids[i][: k + 1]], [lps[i][: k + 1]], [ranks[i]])
         pending.result.results = list(per_req.values())
         return pending.result
