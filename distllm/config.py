@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,29 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _BACKENDS = (None, "uni", "mp", "ray")
 _RUNNERS = ("auto", "generate", "pooling")
 _POLICIES = ("fcfs", "priority")
+
+
+def parse_cpu_offload_gb(value: Any) -> float | str:
+    """cpu_offload_gb as given: GiB of layer weights per GPU (a number >= 0, also as a string)
+    or "auto" (choose from the measured free memory)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0 or 'auto', got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0 or 'auto', got {value!r}.")
+    return float(value)
+
+
+def _offload_arg(text: str) -> float | str:
+    try:
+        return parse_cpu_offload_gb(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _canonical_dtype(dtype: str) -> str:
@@ -45,7 +69,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     scheduling_policy: str = "fcfs"
-    cpu_offload_gb: float = 0.0
+    cpu_offload_gb: float | str = 0.0  # GiB per GPU, or "auto"
     enforce_eager: bool = False
     load_format: str = "auto"
     quantization: str | None = None
@@ -58,6 +82,7 @@ class EngineArgs:
     worker_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        self.cpu_offload_gb = parse_cpu_offload_gb(self.cpu_offload_gb)  # "8" -> 8.0, "AUTO" -> "auto"
         self.validate()
 
     def validate(self) -> None:
@@ -93,7 +118,7 @@ class EngineArgs:
             self.max_model_len is None or self.max_model_len >= 1,
             f"max_model_len must be >= 1, got {self.max_model_len}.",
         )
-        need(self.cpu_offload_gb >= 0, f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}.")
+        parse_cpu_offload_gb(self.cpu_offload_gb)  # raises, naming cpu_offload_gb
         need(self.load_format in _LOAD_FORMATS, f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}.")
         need(self.runner in _RUNNERS, f"runner must be one of {_RUNNERS}, got {self.runner!r}.")
         need(
@@ -131,7 +156,8 @@ class EngineArgs:
         g.add_argument("--max-num-batched-tokens", type=int, default=None)
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
         g.add_argument("--scheduling-policy", type=str, default="fcfs", choices=list(_POLICIES))
-        g.add_argument("--cpu-offload-gb", type=float, default=0.0)
+        g.add_argument("--cpu-offload-gb", type=_offload_arg, default=0.0,
+                       help="GiB of layer weights per GPU kept in pinned host memory, or 'auto'")
         g.add_argument("--enforce-eager", action="store_true")
         g.add_argument("--load-format", type=str, default="auto", choices=list(_LOAD_FORMATS))
         g.add_argument("--quantization", type=str, default=None)
@@ -250,7 +276,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_bytes: int | None = None
-    cpu_offload_gb: float = 0.0
+    cpu_offload_gb: float | str = 0.0  # GiB per GPU, or "auto"
     num_blocks: int | None = None  # decided after profiling
 
 

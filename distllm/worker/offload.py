@@ -1,0 +1,491 @@
+"""CPU offload of decoder-layer weights (`cpu_offload_gb`), streamed back layer by layer.
+
+Offloaded layers keep their weights in one pinned host buffer per layer. The GPU holds K
+staging slots (default 2), each the size of the largest offloaded layer. Offloaded layer j (the
+j-th offloaded layer in forward order) always runs from slot j % K:
+
+    forward start      copy O[0] .. O[K-1] into slots 0 .. K-1          (side stream)
+    before O[j]        compute stream waits for O[j]'s copy; its params point at the slot
+    after O[j]         params point back at host memory; slot j % K is released (event), and
+                       the side stream copies O[j + K] into it once the release has happened
+
+So while O[j] computes, up to K - 1 later offloaded layers are in flight, and a slot is never
+overwritten before the layer that used it has finished. Model code does not change: hooks swap
+each parameter's `.data` between its host view and its slot view.
+
+Which layers: whole layers, spread evenly with each offloaded layer at the end of its group
+(`spread_layers`). A transfer then overlaps the compute of the resident layers before its
+layer, so a step costs about max(compute, transfer) rather than their sum, which is what
+offloading the last N layers in a block would give once the first K copies are done.
+How many: the fewest whose bytes reach `cpu_offload_gb` GiB (vLLM's "at least N GB" reading),
+or, for "auto", the fewest that leave room for the KV cache of one max_model_len sequence.
+
+The bookkeeping (layer choice, byte layout, staging order, the "auto" arithmetic) is plain
+Python, unit-tested on CPU; `LayerStager` is the CUDA machinery (on CPU it copies synchronously,
+which the tests use to check the hooks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from distllm.config import parse_cpu_offload_gb
+from distllm.logger import init_logger
+
+if TYPE_CHECKING:
+    from distllm.config import EngineConfig
+    from distllm.worker.kv_cache import KVCacheSpec
+
+logger = init_logger(__name__)
+
+GiB = 2**30
+ALIGN = 256  # byte alignment of each parameter inside a layer's flat buffer (cuBLAS-friendly)
+DEFAULT_SLOTS = 2
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def spread_layers(num_layers: int, n: int) -> list[int]:
+    """n of num_layers layer indices, evenly spaced, each at the end of its group of
+    num_layers / n layers (n=1 -> the last layer; n=num_layers -> all)."""
+    if not 0 <= n <= num_layers:
+        raise ValueError(f"cannot offload {n} of {num_layers} layers")
+    return [((i + 1) * num_layers) // n - 1 for i in range(n)]
+
+
+def choose_offloaded_layers(layer_bytes: list[int], offload_bytes: int) -> list[int]:
+    """The fewest spread-out layers whose weights add up to at least offload_bytes."""
+    if offload_bytes <= 0:
+        return []
+    for n in range(1, len(layer_bytes) + 1):
+        chosen = spread_layers(len(layer_bytes), n)
+        if sum(layer_bytes[i] for i in chosen) >= offload_bytes:
+            return chosen
+    return list(range(len(layer_bytes)))
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """Where one parameter lives inside its layer's flat byte buffer."""
+
+    name: str  # relative to the layer module
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    params: tuple[ParamSlot, ...]
+    nbytes: int  # the flat buffer's size, alignment padding included
+
+
+def layer_layout(params: list[tuple[str, int]]) -> LayerLayout:
+    """Pack (name, nbytes) parameters into one buffer, each starting at an ALIGN boundary."""
+    out, off = [], 0
+    for name, nbytes in params:
+        out.append(ParamSlot(name, off, nbytes))
+        off += -(-nbytes // ALIGN) * ALIGN
+    return LayerLayout(tuple(out), off)
+
+
+@dataclass(frozen=True)
+class StagingSchedule:
+    """Which slot each offloaded layer uses and when its copy is issued (host order)."""
+
+    layers: tuple[int, ...]  # offloaded layer indices, in forward order
+    num_slots: int
+
+    def slot_of(self, j: int) -> int:
+        return j % self.num_slots
+
+    def initial(self) -> list[int]:
+        """Positions j copied at forward start: one per slot."""
+        return list(range(min(self.num_slots, len(self.layers))))
+
+    def after(self, j: int) -> int | None:
+        """The position whose copy is issued once O[j] has released its slot."""
+        nxt = j + self.num_slots
+        return nxt if nxt < len(self.layers) else None
+
+    def events(self) -> list[tuple[str, int, int]]:
+        """One forward pass as (op, layer index, slot), op in prefetch / use / release."""
+        ev = [("prefetch", self.layers[j], self.slot_of(j)) for j in self.initial()]
+        for j, layer in enumerate(self.layers):
+            ev.append(("use", layer, self.slot_of(j)))
+            ev.append(("release", layer, self.slot_of(j)))
+            nxt = self.after(j)
+            if nxt is not None:
+                ev.append(("prefetch", self.layers[nxt], self.slot_of(nxt)))
+        return ev
+
+
+@dataclass(frozen=True)
+class AutoInputs:
+    """What "auto" weighs, per rank, in bytes."""
+
+    usable_bytes: int  # what new allocations may take under gpu_memory_utilization, measured
+    fixed_bytes: int  # weights that always stay (embedding, LM head, final norm)
+    layer_bytes: tuple[int, ...]  # each decoder layer's weights
+    kv_bytes: int  # KV cache for max_model_len tokens
+    headroom_bytes: int  # activation peak and allocator slack
+
+
+def auto_offload_count(a: AutoInputs, num_slots: int = DEFAULT_SLOTS) -> int | None:
+    """The fewest layers to offload (spread) so weights + staging + KV + headroom fit;
+    None when even offloading every layer is not enough."""
+    n_layers = len(a.layer_bytes)
+    for n in range(n_layers + 1):
+        chosen = spread_layers(n_layers, n)
+        off = sum(a.layer_bytes[i] for i in chosen)
+        staging = min(num_slots, n) * max((a.layer_bytes[i] for i in chosen), default=0)
+        need = a.fixed_bytes + sum(a.layer_bytes) - off + staging + a.kv_bytes + a.headroom_bytes
+        if need <= a.usable_bytes:
+            return n
+    return None
+
+
+@dataclass
+class OffloadPlan:
+    requested: float | str
+    num_layers: int
+    layers: list[int]  # offloaded layer indices
+    layer_bytes: list[int]  # every layer's flat-buffer size
+    num_slots: int
+    note: str = ""  # how "auto" decided
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(self.layer_bytes[i] for i in self.layers)
+
+    @property
+    def slot_bytes(self) -> int:
+        return max((self.layer_bytes[i] for i in self.layers), default=0)
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.slot_bytes * min(self.num_slots, len(self.layers))
+
+    def schedule(self) -> StagingSchedule:
+        return StagingSchedule(tuple(self.layers), min(self.num_slots, max(1, len(self.layers))))
+
+
+# ----------------------------------------------------------------------------- model structure
+
+
+def find_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent, attribute name, layer list): the longest ModuleList of the model, which is the
+    decoder (or encoder) stack in every model distllm has."""
+    best: tuple[nn.Module, str, nn.ModuleList] | None = None
+    for _, module in model.named_modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) and (best is None or len(child) > len(best[2])):
+                best = (module, name, child)
+    if best is None:
+        raise ValueError(f"cpu_offload_gb: {type(model).__name__} has no layer stack to offload.")
+    return best
+
+
+def _own_params(layer: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    # remove_duplicate: a parameter shared inside a layer is stored once.
+    return list(layer.named_parameters())
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class _Binding:
+    param: nn.Parameter
+    host: torch.Tensor  # view into the layer's pinned buffer
+    staged: torch.Tensor  # view into the layer's slot
+
+
+@dataclass
+class LayerStager:
+    """Hooks that stage offloaded layers through the slots, in StagingSchedule's order."""
+
+    schedule: StagingSchedule
+    host_buffers: list[torch.Tensor]  # per position j: flat uint8 buffer of O[j]
+    bindings: list[list[_Binding]]  # per position j
+    slots: list[torch.Tensor]
+    device: torch.device
+    _issued: set[int] = field(default_factory=set)
+    _handles: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.copied = [torch.cuda.Event() for _ in self.slots]
+            self.released = [torch.cuda.Event() for _ in self.slots]
+
+    def attach(self, parent: nn.Module, layers: nn.ModuleList) -> None:
+        self._handles.append(parent.register_forward_pre_hook(lambda m, a: self.start()))
+        for j, idx in enumerate(self.schedule.layers):
+            layer = layers[idx]
+            self._handles.append(layer.register_forward_pre_hook(lambda m, a, j=j: self.before(j)))
+            self._handles.append(layer.register_forward_hook(lambda m, a, o, j=j: self.after(j)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def start(self) -> None:
+        self._issued.clear()
+        if self.cuda:
+            # Whatever the compute stream has queued (an earlier forward's use of a slot
+            # included) happens before this forward's copies.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        for j in self.schedule.initial():
+            self.prefetch(j)
+
+    def prefetch(self, j: int) -> None:
+        s = self.schedule.slot_of(j)
+        src = self.host_buffers[j]
+        dst = self.slots[s][: src.numel()]
+        self._issued.add(j)
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.released[s])  # use-before-reuse
+            dst.copy_(src, non_blocking=True)
+            self.copied[s].record(self.copy_stream)
+
+    def before(self, j: int) -> None:
+        if j not in self._issued:  # a layer run outside its model's forward: copy it now
+            self.prefetch(j)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[self.schedule.slot_of(j)])  # copy-before-use
+        for b in self.bindings[j]:
+            b.param.data = b.staged
+
+    def after(self, j: int) -> None:
+        # Back to host views: a stray use between forwards fails loudly instead of reading a reused slot.
+        for b in self.bindings[j]:
+            b.param.data = b.host
+        if self.cuda:
+            self.released[self.schedule.slot_of(j)].record(torch.cuda.current_stream(self.device))
+        nxt = self.schedule.after(j)
+        if nxt is not None:
+            self.prefetch(nxt)
+
+
+def measure_h2d_bandwidth(device: torch.device, src: torch.Tensor | None = None, reps: int = 5) -> float:
+    """Pinned host -> device bytes/s, best of `reps` copies (256 MiB unless src is given)."""
+    if src is None:
+        src = torch.empty(256 * 2**20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(src.numel(), dtype=torch.uint8, device=device)
+    best = math.inf
+    for _ in range(reps):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        dst.copy_(src, non_blocking=True)
+        t1.record()
+        t1.synchronize()
+        best = min(best, t0.elapsed_time(t1) / 1e3)
+    del dst
+    return src.numel() / best
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def _materialize(model: nn.Module, device: torch.device, skip: set[int]) -> None:
+    """Give every meta parameter not in `skip` (ids) a zeroed tensor on `device`; the loader
+    fills them. Tied parameters (one object in two modules) stay one object."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or id(p) in skip or p.device.type != "meta":
+                continue
+            if id(p) not in done:
+                new = nn.Parameter(torch.zeros(p.shape, dtype=p.dtype, device=device), requires_grad=False)
+                new.__dict__.update(p.__dict__)  # weight_loader and friends
+                done[id(p)] = new
+            module._parameters[name] = done[id(p)]
+
+
+class CpuOffloader:
+    """The loader's `place` step: called on a model whose parameters are still on the meta
+    device (buffers on the target device). Decides the plan, puts resident parameters on the
+    device and offloaded ones in pinned host memory, and installs the LayerStager."""
+
+    def __init__(self, requested: float | str, device: torch.device, auto: "AutoSizer | None" = None,
+                 num_slots: int = DEFAULT_SLOTS):
+        self.requested = requested
+        self.device = device
+        self.auto = auto
+        self.num_slots = num_slots
+        self.plan: OffloadPlan | None = None
+        self.stager: LayerStager | None = None
+        self.h2d_bytes_per_s: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.plan is not None and bool(self.plan.layers)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> None:
+        parent, _, layers = find_layers(model)
+        layouts = [layer_layout([(n, _nbytes(p)) for n, p in _own_params(layer)]) for layer in layers]
+        layer_bytes = [lay.nbytes for lay in layouts]
+        in_layers = {id(p) for layer in layers for p in layer.parameters()}
+        fixed = sum(_nbytes(p) for p in model.parameters() if id(p) not in in_layers)
+        self.plan = self._decide(layer_bytes, fixed)
+        chosen = set(self.plan.layers)
+        skip = {id(p) for i in chosen for p in layers[i].parameters()}
+        _materialize(model, self.device, skip)
+        if not self.plan.layers:
+            return
+        pin = self.device.type == "cuda"
+        host_buffers, bindings = [], []
+        slots = [torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=self.device)
+                 for _ in range(self.plan.schedule().num_slots)]
+        sched = self.plan.schedule()
+        for j, idx in enumerate(self.plan.layers):
+            buf = torch.empty(layer_bytes[idx], dtype=torch.uint8, pin_memory=pin)
+            slot = slots[sched.slot_of(j)]
+            b, replaced = [], {}
+            for ps, (_, p) in zip(layouts[idx].params, _own_params(layers[idx])):
+                host = buf[ps.offset : ps.offset + ps.nbytes].view(p.dtype).view(p.shape)
+                staged = slot[ps.offset : ps.offset + ps.nbytes].view(p.dtype).view(p.shape)
+                new = nn.Parameter(host, requires_grad=False)
+                new.__dict__.update(p.__dict__)  # weight_loader and friends
+                replaced[id(p)] = new
+                b.append(_Binding(new, host, staged))
+            for module in layers[idx].modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None and id(p) in replaced:
+                        module._parameters[name] = replaced[id(p)]
+            host_buffers.append(buf)
+            bindings.append(b)
+        self.stager = LayerStager(sched, host_buffers, bindings, slots, self.device)
+        self.stager.attach(parent, layers)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the meta conversion's transient blocks
+            self.h2d_bytes_per_s = measure_h2d_bandwidth(self.device, host_buffers[0], reps=3)
+        self._log()
+
+    def _decide(self, layer_bytes: list[int], fixed: int) -> OffloadPlan:
+        n_layers = len(layer_bytes)
+        if self.requested == "auto":
+            if self.auto is None:
+                raise ValueError("cpu_offload_gb='auto' needs the device's free memory: it works on CUDA devices only.")
+            inputs = self.auto.measure(fixed, layer_bytes)
+            n = auto_offload_count(inputs, self.num_slots)
+            note = self.auto.describe(inputs, n)
+            if n is None:
+                logger.warning("%s; offloading every layer, the memory profile will say what does not fit.", note)
+                n = n_layers
+            else:
+                logger.info("%s", note)
+            return OffloadPlan("auto", n_layers, spread_layers(n_layers, n), layer_bytes, self.num_slots, note)
+        want = int(float(self.requested) * GiB)
+        total = sum(layer_bytes)
+        if want > total:
+            logger.warning(
+                "cpu_offload_gb=%g is more than the decoder layers' weights (%.2f GiB): offloading all %d layers "
+                "(embedding, LM head and final norm stay on the device).", self.requested, total / GiB, n_layers)
+        if self.auto is not None:
+            inputs = self.auto.measure(fixed, layer_bytes)
+            if auto_offload_count(inputs, self.num_slots) == 0:
+                logger.warning(
+                    "cpu_offload_gb=%g asked for, but all weights (%.2f GiB) and a KV cache for max_model_len fit in "
+                    "GPU memory without offload (%.2f GiB usable); offload makes every step wait for host-to-device "
+                    "copies. Use cpu_offload_gb=0 (or 'auto').", self.requested, (fixed + total) / GiB,
+                    inputs.usable_bytes / GiB)
+        return OffloadPlan(self.requested, n_layers, choose_offloaded_layers(layer_bytes, want), layer_bytes, self.num_slots)
+
+    def _log(self) -> None:
+        p = self.plan
+        bw = self.h2d_bytes_per_s
+        copy_ms = f", pinned H2D {bw / 1e9:.1f} GB/s -> {p.offloaded_bytes / bw * 1e3:.1f} ms of copies per forward" if bw else ""
+        asked = p.requested if isinstance(p.requested, str) else f"{p.requested:g}"
+        logger.info(
+            "CPU offload: %d of %d layers %s in %s host memory, %.2f GiB (cpu_offload_gb=%s); staging %d slots x "
+            "%.1f MiB on %s%s", len(p.layers), p.num_layers, p.layers, "pinned" if bw else "plain", p.offloaded_bytes / GiB,
+            asked, p.schedule().num_slots, p.slot_bytes / 2**20, self.device, copy_ms)
+
+
+@dataclass
+class AutoSizer:
+    """Measures what "auto" (and the "would fit anyway" warning) weigh on a CUDA device."""
+
+    device: torch.device
+    gpu_memory_utilization: float
+    kv_bytes: int
+    headroom_bytes: int
+
+    def measure(self, fixed: int, layer_bytes: list[int]) -> AutoInputs:
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        # Allocations so far (buffers, NCCL, context) are already out of `free`.
+        usable = int(total * self.gpu_memory_utilization) - (total - free)
+        return AutoInputs(usable, fixed, tuple(layer_bytes), self.kv_bytes, self.headroom_bytes)
+
+    def describe(self, a: AutoInputs, n: int | None) -> str:
+        head = (f"cpu_offload_gb=auto: {a.usable_bytes / GiB:.2f} GiB usable, weights {(a.fixed_bytes + sum(a.layer_bytes)) / GiB:.2f} GiB, "
+                f"KV for max_model_len {a.kv_bytes / GiB:.2f} GiB, activation headroom {a.headroom_bytes / GiB:.2f} GiB")
+        if n is None:
+            return head + " -> does not fit even with every layer offloaded"
+        if n == 0:
+            return head + " -> everything fits, nothing offloaded"
+        off = sum(a.layer_bytes[i] for i in spread_layers(len(a.layer_bytes), n))
+        return head + f" -> offloading {n} of {len(a.layer_bytes)} layers ({off / GiB:.2f} GiB)"
+
+
+def _headroom_bytes(config: "EngineConfig") -> int:
+    """The activation peak the memory profile will see (memory_plan's estimate), plus slack;
+    1 GiB where the estimate does not know the architecture."""
+    from distllm.worker.memory_plan import DecoderShape, activation_peak_bytes, dtype_bytes
+
+    mc, sc = config.model_config, config.scheduler_config
+    try:
+        shape = DecoderShape.from_hf(mc.hf_config, mc.architecture)
+        peak = activation_peak_bytes(shape, config.parallel_config.tensor_parallel_size, dtype_bytes(mc.dtype),
+                                     sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len)
+    except (ValueError, KeyError):
+        return GiB
+    return int(peak * 1.1) + 256 * 2**20
+
+
+def make_offloader(config: "EngineConfig", device: torch.device, kv_spec: "KVCacheSpec") -> CpuOffloader | None:
+    """The `place` step for load_model, or None when no offload is asked (or on CPU, where
+    the weights already are in host memory)."""
+    requested = parse_cpu_offload_gb(config.cache_config.cpu_offload_gb)
+    if requested == 0.0:
+        return None
+    if device.type != "cuda":
+        logger.warning("cpu_offload_gb=%s has no effect on the CPU device: the weights already live in host memory.",
+                       requested)
+        return None
+    sc = config.scheduler_config
+    kv_bytes = -(-sc.max_model_len // kv_spec.block_size) * kv_spec.block_bytes
+    auto = AutoSizer(device, config.cache_config.gpu_memory_utilization, kv_bytes, _headroom_bytes(config))
+    return CpuOffloader(requested, device, auto)
+
+
+def iter_offloaded(model: nn.Module, plan: OffloadPlan) -> Iterator[tuple[str, nn.Parameter]]:
+    """(full name, parameter) of every offloaded parameter, for tests and logs."""
+    parent, attr, layers = find_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    for i in plan.layers:
+        for n, p in layers[i].named_parameters():
+            yield f"{prefix}.{i}.{n}", p
+
+
+def log_graphs_off() -> None:
+    logger.info("CUDA graphs off: CPU offload prefetches through host-side hooks, which a graph replay would skip.")
+

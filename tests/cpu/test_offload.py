@@ -1,0 +1,337 @@
+"""CPU offload (cpu_offload_gb): which layers go to host memory, the byte layout, the staging
+order, the "auto" arithmetic, config validation, and the hooks on a real (tiny) model on CPU,
+where the staging copies are synchronous."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+import torch
+
+from distllm.config import EngineArgs, EngineConfig, parse_cpu_offload_gb
+from distllm.worker import offload as off
+from distllm.worker.offload import (
+    AutoInputs,
+    AutoSizer,
+    CpuOffloader,
+    OffloadPlan,
+    StagingSchedule,
+    auto_offload_count,
+    choose_offloaded_layers,
+    iter_offloaded,
+    layer_layout,
+    spread_layers,
+)
+
+GiB = 2**30
+
+
+@pytest.fixture
+def offload_log(caplog):
+    """The distllm logger does not propagate to the root logger: listen on it directly."""
+    lg = logging.getLogger("distllm")
+    lg.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    lg.removeHandler(caplog.handler)
+
+
+# ---- which layers ----------------------------------------------------------------------------
+
+
+def test_spread_layers_exact():
+    assert spread_layers(32, 1) == [31]
+    assert spread_layers(8, 2) == [3, 7]
+    assert spread_layers(8, 3) == [1, 4, 7]
+    assert spread_layers(32, 20) == [0, 2, 3, 5, 7, 8, 10, 11, 13, 15, 16, 18, 19, 21, 23, 24, 26, 27, 29, 31]
+    assert spread_layers(4, 4) == [0, 1, 2, 3]
+    assert spread_layers(5, 0) == []
+    with pytest.raises(ValueError):
+        spread_layers(4, 5)
+
+
+def test_choose_layers_reaches_requested_bytes():
+    assert choose_offloaded_layers([100] * 8, 0) == []
+    assert choose_offloaded_layers([100] * 8, 100) == [7]
+    assert choose_offloaded_layers([100] * 8, 101) == [3, 7]
+    assert choose_offloaded_layers([100] * 8, 250) == [1, 4, 7]
+    assert choose_offloaded_layers([100] * 8, 10**9) == list(range(8))
+    # Llama-3.1-8B shape, bf16, one rank: 8 GiB is 19.7 layers -> 20 whole layers (at least N GiB).
+    layer = 2 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096)
+    chosen = choose_offloaded_layers([layer] * 32, 8 * GiB)
+    assert len(chosen) == 20 and chosen == spread_layers(32, 20)
+    assert sum([layer] * 20) >= 8 * GiB > sum([layer] * 19)
+
+
+def test_layer_layout_aligns_each_param():
+    lay = layer_layout([("a", 10), ("b", 512), ("c", 3)])
+    assert [(p.name, p.offset, p.nbytes) for p in lay.params] == [("a", 0, 10), ("b", 256, 512), ("c", 768, 3)]
+    assert lay.nbytes == 1024
+
+
+# ---- staging order -------------------------------------------------------------------------------
+
+
+def test_schedule_events_exact():
+    s = StagingSchedule((1, 3, 5, 7), 2)
+    assert s.events() == [
+        ("prefetch", 1, 0), ("prefetch", 3, 1),
+        ("use", 1, 0), ("release", 1, 0), ("prefetch", 5, 0),
+        ("use", 3, 1), ("release", 3, 1), ("prefetch", 7, 1),
+        ("use", 5, 0), ("release", 5, 0),
+        ("use", 7, 1), ("release", 7, 1),
+    ]
+
+
+@pytest.mark.parametrize("n,k", [(1, 2), (2, 2), (5, 2), (7, 3), (6, 1), (3, 4)])
+def test_schedule_invariants(n, k):
+    """Copy before use, never overwrite a slot in use, at most k - 1 layers ahead of the one computing."""
+    layers = tuple(spread_layers(max(n, 8), n))
+    s = StagingSchedule(layers, k)
+    holder: dict[int, int | None] = {}  # slot -> layer copied into it and not yet released
+    used, ahead_max = [], 0
+    for op, layer, slot in s.events():
+        if op == "prefetch":
+            assert holder.get(slot) is None, f"slot {slot} overwritten while layer {holder.get(slot)} holds it"
+            holder[slot] = layer
+        elif op == "use":
+            assert holder.get(slot) == layer, f"layer {layer} used before its copy reached slot {slot}"
+            used.append(layer)
+            in_flight = [v for v in holder.values() if v is not None and v != layer]
+            ahead_max = max(ahead_max, len(in_flight))
+        else:
+            assert holder[slot] == layer
+            holder[slot] = None
+    assert used == list(layers)
+    assert ahead_max <= k - 1
+    assert ahead_max == min(k, n) - 1  # and the prefetch distance is used in full
+
+
+# ---- "auto" ----------------------------------------------------------------------------------
+
+
+def test_auto_count_charges_staging():
+    base = dict(fixed_bytes=100, layer_bytes=(100,) * 8, kv_bytes=150, headroom_bytes=50)
+    assert auto_offload_count(AutoInputs(usable_bytes=1100, **base)) == 0
+    # 1 or 2 layers off free nothing net (2 staging slots); 3 are the fewest that fit.
+    assert auto_offload_count(AutoInputs(usable_bytes=1000, **base)) == 3
+    assert auto_offload_count(AutoInputs(usable_bytes=499, **base)) is None
+    assert auto_offload_count(AutoInputs(usable_bytes=500, **base)) == 8
+
+
+def test_auto_sizer_measures_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * GiB, 10 * GiB))
+    sizer = AutoSizer(torch.device("cuda", 0), 0.9, kv_bytes=GiB, headroom_bytes=GiB // 2)
+    a = sizer.measure(fixed=GiB, layer_bytes=[GiB // 4] * 16)
+    assert a.usable_bytes == int(9 * GiB) - 4 * GiB  # 90 % of 10 GiB, less the 4 GiB already in use
+    # 1 + 4 + 1 + 0.5 = 6.5 GiB wanted, 5 usable: offload n with n/4 - min(2, n)/4 >= 1.5 -> n = 8.
+    assert auto_offload_count(a) == 8
+    assert "offloading 8 of 16 layers (2.00 GiB)" in sizer.describe(a, 8)
+
+
+class _FakeSizer:
+    """AutoSizer with fixed measurements (no CUDA device needed)."""
+
+    def __init__(self, usable: int, kv: int = 0, headroom: int = 0):
+        self.usable, self.kv, self.headroom = usable, kv, headroom
+
+    def measure(self, fixed, layer_bytes):
+        return AutoInputs(self.usable, fixed, tuple(layer_bytes), self.kv, self.headroom)
+
+    def describe(self, a, n):
+        return AutoSizer.describe(self, a, n)  # type: ignore[arg-type]
+
+
+def test_decide_auto_and_warnings(offload_log):
+    layers = [1000] * 6
+    auto = CpuOffloader("auto", torch.device("cpu"), _FakeSizer(usable=200 + 6000 - 2500 + 2000, kv=300))
+    plan = auto._decide(layers, fixed=200)
+    # 6200 weights + 300 KV = 6500 wanted, 5700 usable: 3 off frees 3000 - 2000 staging = 1000 >= 800.
+    assert plan.layers == spread_layers(6, 3) == [1, 3, 5] and plan.offloaded_bytes == 3000
+    assert plan.slot_bytes == 1000 and plan.staging_bytes == 2000
+    assert "cpu_offload_gb=auto" in offload_log.text and "offloading 3 of 6 layers" in offload_log.text
+
+    offload_log.clear()
+    fits = CpuOffloader(500 / GiB, torch.device("cpu"), _FakeSizer(usable=10**6))
+    assert fits._decide(layers, fixed=200).layers == [5]
+    assert "fit in GPU memory without offload" in offload_log.text
+
+    offload_log.clear()
+    too_much = CpuOffloader(100.0, torch.device("cpu"), _FakeSizer(usable=0))
+    assert too_much._decide(layers, fixed=200).layers == list(range(6))
+    assert "more than the decoder layers' weights" in offload_log.text
+    assert "without offload" not in offload_log.text
+
+    offload_log.clear()
+    nothing_fits = CpuOffloader("auto", torch.device("cpu"), _FakeSizer(usable=100))
+    assert nothing_fits._decide(layers, fixed=200).layers == list(range(6))
+    assert "does not fit even with every layer offloaded" in offload_log.text
+
+    with pytest.raises(ValueError, match="auto"):
+        CpuOffloader("auto", torch.device("cpu"), None)._decide(layers, fixed=200)
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+def test_config_accepts_number_or_auto():
+    assert EngineArgs(cpu_offload_gb="auto").cpu_offload_gb == "auto"
+    assert EngineArgs(cpu_offload_gb=" AUTO ").cpu_offload_gb == "auto"
+    assert EngineArgs(cpu_offload_gb="8").cpu_offload_gb == 8.0
+    assert EngineArgs(cpu_offload_gb=2).cpu_offload_gb == 2.0
+    for bad in (-1, "lots", float("nan"), float("inf"), True, None, "-0.5"):
+        with pytest.raises(ValueError, match="cpu_offload_gb must be a number of GiB >= 0 or 'auto'"):
+            EngineArgs(cpu_offload_gb=bad)
+    assert parse_cpu_offload_gb(0) == 0.0
+
+
+def test_cli_accepts_auto():
+    p = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert EngineArgs.from_cli_args(p.parse_args(["--cpu-offload-gb", "auto"])).cpu_offload_gb == "auto"
+    assert EngineArgs.from_cli_args(p.parse_args(["--cpu-offload-gb", "4.5"])).cpu_offload_gb == 4.5
+    assert EngineArgs.from_cli_args(p.parse_args([])).cpu_offload_gb == 0.0
+    with pytest.raises(SystemExit):
+        p.parse_args(["--cpu-offload-gb", "lots"])
+
+
+def test_engine_config_round_trip_with_auto(tiny_models):
+    cfg = EngineArgs(model=tiny_models["llama"], device="cpu", cpu_offload_gb="auto").create_engine_config()
+    assert cfg.cache_config.cpu_offload_gb == "auto"
+    back = EngineConfig.from_dict(cfg.to_dict())
+    assert back == cfg and back.cache_config.cpu_offload_gb == "auto"
+
+
+# ---- the hooks on a tiny model (CPU: synchronous staging copies) -------------------------------
+
+
+def _model_config(tiny_models, kind="llama", **kw):
+    return EngineArgs(model=tiny_models[kind], device="cpu", **kw).create_engine_config().model_config
+
+
+def _forward(model, n_tokens: int = 11, seed: int = 0) -> torch.Tensor:
+    """One fresh prefill of a single sequence, no KV cache (as the memory profile runs it)."""
+    from distllm.layers.attention import AttentionMetadata, forward_context
+
+    ids = torch.randint(100, 49152, (n_tokens,), generator=torch.Generator().manual_seed(seed))
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((n_tokens,), -1, dtype=torch.int64),
+        block_tables=torch.zeros((1, 1), dtype=torch.int32),
+        seq_lens=torch.tensor([n_tokens], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n_tokens], dtype=torch.int32),
+        max_query_len=n_tokens, max_seq_len=n_tokens, fresh_prefill_only=True,
+    )
+    with torch.inference_mode(), forward_context(meta, None):
+        return model.compute_logits(model(ids, torch.arange(n_tokens)))
+
+
+def _load(mc, offloader=None):
+    from distllm.models.loader import load_model
+
+    return load_model(mc, torch.device("cpu"), seed=3, place=offloader)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_offloaded_model_equals_plain(tiny_models, kind):
+    mc = _model_config(tiny_models, kind)
+    plain = _load(mc)
+    layer_bytes = sum(p.numel() * 4 for p in plain.model.layers[0].parameters())
+    o = CpuOffloader(layer_bytes / GiB, torch.device("cpu"))  # exactly one layer's bytes -> the last layer
+    model = _load(mc, o)
+    assert o.active and o.plan.layers == [1] and o.plan.offloaded_bytes == layer_bytes
+    names = sorted(n for n, _ in iter_offloaded(model, o.plan))
+    assert names == sorted(f"model.layers.1.{n}" for n, _ in plain.model.layers[1].named_parameters())
+    # The weights loaded into the host buffers equal the plain model's, parameter by parameter.
+    for (n1, p1), (n2, p2) in zip(plain.named_parameters(), model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    if kind == "qwen2":  # tied LM head: still one parameter with the embedding
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    for seed in (0, 1):  # twice: the second forward starts from released slots
+        assert torch.equal(_forward(plain, seed=seed), _forward(model, seed=seed))
+
+
+def test_hooks_follow_schedule_and_restore_host_views(tiny_models):
+    mc = _model_config(tiny_models, "llama", hf_overrides={"num_hidden_layers": 6}, load_format="dummy")
+    plain = _load(mc)
+    layer_bytes = sum(p.numel() * 4 for p in plain.model.layers[0].parameters())
+    o = CpuOffloader(3 * layer_bytes / GiB, torch.device("cpu"))
+    model = _load(mc, o)
+    assert o.plan.layers == [1, 3, 5]
+    for (n1, p1), (n2, p2) in zip(plain.named_parameters(), model.named_parameters()):
+        assert torch.equal(p1, p2), n1  # dummy weights drawn identically
+    st = o.stager
+    slot_ptrs = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in st.slots]
+    seen: list[tuple[str, int, int]] = []
+
+    def in_slot(t: torch.Tensor) -> int | None:
+        return next((i for i, (a, b) in enumerate(slot_ptrs) if a <= t.data_ptr() < b), None)
+
+    real_prefetch = st.prefetch
+
+    def prefetch(j):
+        seen.append(("prefetch", o.plan.layers[j], st.schedule.slot_of(j)))
+        real_prefetch(j)
+
+    st.prefetch = prefetch
+    real_after = st.after
+
+    def after(j):
+        seen.append(("release", o.plan.layers[j], in_slot(model.model.layers[o.plan.layers[j]].mlp.down_proj.weight)))
+        real_after(j)
+
+    st.after = after
+    for idx in range(6):  # record, from inside each layer's forward, where its weight lives
+        def probe(m, a, idx=idx):
+            s = in_slot(m.self_attn.qkv_proj.weight)
+            if idx in o.plan.layers:
+                seen.append(("use", idx, s))
+            else:
+                assert s is None
+        model.model.layers[idx].register_forward_pre_hook(probe)  # runs after the stager's own hook
+    for _ in range(2):
+        seen.clear()
+        assert torch.equal(_forward(plain), _forward(model))
+        assert seen == StagingSchedule((1, 3, 5), 2).events()
+    # Between forwards every offloaded parameter is its host view again.
+    for _, p in iter_offloaded(model, o.plan):
+        assert in_slot(p) is None and p.device.type == "cpu"
+    assert st.slots[0].numel() == layer_bytes
+
+
+def test_plan_properties():
+    p = OffloadPlan(4.0, 4, [1, 3], [10, 20, 30, 40], 2)
+    assert (p.offloaded_bytes, p.slot_bytes, p.staging_bytes) == (60, 40, 80)
+    assert p.schedule() == StagingSchedule((1, 3), 2)
+    one = OffloadPlan(1.0, 4, [3], [10, 20, 30, 40], 2)
+    assert one.staging_bytes == 40 and one.schedule().num_slots == 1
+
+
+# ---- engine level on CPU --------------------------------------------------------------------
+
+
+def test_make_offloader_is_a_noop_on_cpu(tiny_models, offload_log):
+    from distllm.worker.kv_cache import KVCacheSpec
+
+    spec = KVCacheSpec(2, 16, 2, 16, torch.float32)
+    cfg = EngineArgs(model=tiny_models["llama"], device="cpu", cpu_offload_gb=1).create_engine_config()
+    assert off.make_offloader(cfg, torch.device("cpu"), spec) is None
+    assert "no effect on the CPU device" in offload_log.text
+    cfg0 = EngineArgs(model=tiny_models["llama"], device="cpu").create_engine_config()
+    assert off.make_offloader(cfg0, torch.device("cpu"), spec) is None
+
+
+@pytest.mark.parametrize("setting", [0.5, "auto"])
+def test_llm_generate_with_offload_setting_on_cpu(tiny_models, setting, offload_log):
+    from distllm import LLM, SamplingParams
+
+    prompts = [{"prompt_token_ids": [5, 900, 1200, 77]}, {"prompt_token_ids": list(range(300, 330))}]
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def run(**kw):
+        with LLM(model=tiny_models["llama"], device="cpu", **kw) as llm:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+    assert run(cpu_offload_gb=setting) == run()
+    assert "no effect on the CPU device" in offload_log.text
