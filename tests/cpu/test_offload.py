@@ -12,15 +12,13 @@ import torch
 
 from distllm.config import EngineArgs, EngineConfig, parse_cpu_offload_gb
 from distllm.worker import offload as off
-from distllm.worker.offload import (
+from distllm.worker.offload import AutoSizer, CpuOffloader, iter_offloaded
+from distllm.worker.offload_plan import (
     AutoInputs,
-    AutoSizer,
-    CpuOffloader,
     OffloadPlan,
     StagingSchedule,
     auto_offload_count,
     choose_offloaded_layers,
-    iter_offloaded,
     layer_layout,
     spread_layers,
 )
