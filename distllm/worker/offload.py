@@ -125,16 +125,18 @@ class LayerStager:
 
     def prefetch(self, j: int) -> None:
         s = self.schedule.slot_of(j)
-        src = self.host_buffers[j]
-        dst = self.slots[s][: src.numel()]
         self._issued.add(j)
         if not self.cuda:
-            dst.copy_(src)
+            self._copy(s, j)
             return
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.released[s])  # use-before-reuse
-            dst.copy_(src, non_blocking=True)
+            self._copy(s, j)
             self.copied[s].record(self.copy_stream)
+
+    def _copy(self, s: int, j: int) -> None:
+        src = self.host_buffers[j]
+        self.slots[s][: src.numel()].copy_(src, non_blocking=self.cuda)
 
     def before(self, j: int) -> None:
         if j not in self._issued:  # a layer run outside its model's forward: copy it now

@@ -333,3 +333,161 @@ def test_llm_generate_with_offload_setting_on_cpu(tiny_models, setting, offload_
 
     assert run(cpu_offload_gb=setting) == run()
     assert "no effect on the CPU device" in offload_log.text
+
+
+# ---- stream ordering, simulated ------------------------------------------------------------------
+#
+# LayerStager's CUDA path, run against fake streams and events that log every operation in host
+# order. A small simulator then gives each op a start and end time under CUDA's rules (a stream
+# runs its ops in order; wait_event waits for the event's latest record at the time the wait was
+# enqueued; wait_stream waits for the other stream's work enqueued so far), with copies and
+# layer computes of chosen durations, and checks that no layer computes from a slot whose copy
+# is unfinished or that a later copy is overwriting.
+
+
+class _FakeEvent:
+    def __init__(self, log):
+        self.log, self.last = log, None
+
+    def record(self, stream=None):
+        stream = stream or _FakeCuda.current
+        self.last = stream.enqueue(("record",))
+
+    def wait(self, stream):
+        stream.enqueue(("wait_event", self.last))
+
+
+class _FakeStream:
+    def __init__(self, log, name):
+        self.log, self.name, self.last = log, name, None
+
+    def enqueue(self, op):
+        self.log.append((self.name,) + op)
+        self.last = len(self.log) - 1
+        return self.last
+
+    def wait_event(self, ev):
+        ev.wait(self)
+
+    def wait_stream(self, other):
+        self.enqueue(("wait_op", other.last))
+
+
+class _FakeCuda:
+    current: _FakeStream
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self.compute = _FakeStream(self.log, "compute")
+        _FakeCuda.current = self.compute
+
+    def install(self, monkeypatch):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def stream(s):
+            prev, _FakeCuda.current = _FakeCuda.current, s
+            try:
+                yield
+            finally:
+                _FakeCuda.current = prev
+
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream(self.log, "copy"))
+        monkeypatch.setattr(torch.cuda, "Event", lambda *a, **k: _FakeEvent(self.log))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeCuda.current)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+
+
+def _simulate(log, copy_s: float, compute_s: float) -> list[tuple[float, float]]:
+    """(start, end) of every logged op."""
+    times: list[tuple[float, float]] = []
+    ready: dict[str, float] = {}
+    for op in log:
+        stream, kind = op[0], op[1]
+        start = ready.get(stream, 0.0)
+        if kind in ("wait_event", "wait_op") and op[2] is not None:
+            start = max(start, times[op[2]][1])
+        dur = {"copy": copy_s, "compute": compute_s}.get(kind, 0.0)
+        times.append((start, start + dur))
+        ready[stream] = start + dur
+    return times
+
+
+def _violations(log, times) -> list[str]:
+    bad = []
+    copies = [(i, op[2], op[3]) for i, op in enumerate(log) if op[1] == "copy"]  # (op, slot, layer)
+    for i, op in enumerate(log):
+        if op[1] != "compute" or op[2] is None:
+            continue
+        slot, layer = op[2], op[3]
+        c0, c1 = times[i]
+        done = [(times[k][1], lay) for k, s, lay in copies if s == slot and times[k][1] <= c0]
+        if not done or max(done)[1] != layer:
+            bad.append(f"layer {layer} computed from slot {slot} before its copy finished")
+        for k, s, lay in copies:
+            if s == slot and times[k][0] < c1 and times[k][1] > c0 and lay != layer:
+                bad.append(f"copy of layer {lay} overwrote slot {slot} while layer {layer} computed")
+    return bad
+
+
+def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, break_wait=None):
+    from distllm.worker.offload import LayerStager
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    sched = StagingSchedule(tuple(offloaded), num_slots)
+    st = LayerStager(sched, [torch.zeros(4, dtype=torch.uint8) for _ in offloaded], [[] for _ in offloaded],
+                     [torch.zeros(4, dtype=torch.uint8) for _ in range(num_slots)], torch.device("cpu"))
+    st.cuda = True  # the CUDA path, on the fakes
+    st.copy_stream = torch.cuda.Stream()
+    st.copied = [torch.cuda.Event() for _ in range(num_slots)]
+    st.released = [torch.cuda.Event() for _ in range(num_slots)]
+    st._copy = lambda s, j: _FakeCuda.current.enqueue(("copy", s, offloaded[j]))
+    if break_wait == "copied":  # a bug on purpose: compute does not wait for the copy
+        st.copied = [_FakeEvent(fake.log) for _ in range(num_slots)]
+        for ev in st.copied:
+            ev.wait = lambda stream: None
+    if break_wait == "released":  # a bug on purpose: copies do not wait for the slot's release
+        for ev in st.released:
+            ev.wait = lambda stream: None
+    pos = {layer: j for j, layer in enumerate(offloaded)}
+    for _ in range(forwards):
+        st.start()  # DecoderModel's pre-hook: before the embedding, which is inside its forward
+        fake.compute.enqueue(("compute", None, "embed"))
+        for layer in range(num_layers):
+            j = pos.get(layer)
+            if j is not None:
+                st.before(j)
+            fake.compute.enqueue(("compute", sched.slot_of(j) if j is not None else None, layer))
+            if j is not None:
+                st.after(j)
+        fake.compute.enqueue(("compute", None, "logits"))
+    return fake.log
+
+
+@pytest.mark.parametrize("copy_s,compute_s", [(10.0, 1.0), (1.0, 10.0), (3.0, 3.0), (0.0, 1.0)])
+@pytest.mark.parametrize("offloaded,num_layers,k", [((1, 3, 5, 7), 8, 2), ((0, 1, 2, 3, 4), 5, 2),
+                                                    ((2, 5, 8), 9, 3), ((1, 2), 4, 1), ((3,), 4, 2)])
+def test_stream_order_never_races(monkeypatch, offloaded, num_layers, k, copy_s, compute_s):
+    log = _run_forwards(monkeypatch, list(offloaded), num_layers, k)
+    times = _simulate(log, copy_s, compute_s)
+    assert _violations(log, times) == []
+    assert sum(op[1] == "copy" for op in log) == 2 * len(offloaded)
+
+
+def test_stream_order_overlaps_copies_with_compute(monkeypatch):
+    """Slow copies, 8 layers with 4 offloaded (2 slots): the copy stream never idles once the
+    forward has started, so a step is about the copies' time, not copies + compute."""
+    log = _run_forwards(monkeypatch, [1, 3, 5, 7], 8, 2, forwards=1)
+    times = _simulate(log, copy_s=10.0, compute_s=1.0)
+    copy_times = sorted(times[i] for i, op in enumerate(log) if op[1] == "copy")
+    assert all(b[0] == a[1] for a, b in zip(copy_times, copy_times[1:]))  # back to back
+    end = max(t[1] for t in times)
+    assert end == 4 * 10.0 + 1.0 + 1.0  # the copies, then layer 7 and the logits; all else overlapped
+
+
+@pytest.mark.parametrize("broken", ["copied", "released"])
+def test_stream_order_check_catches_a_missing_wait(monkeypatch, broken):
+    log = _run_forwards(monkeypatch, [1, 3, 5, 7], 8, 2, break_wait=broken)
+    slow_copy, slow_compute = (10.0, 1.0) if broken == "copied" else (1.0, 10.0)
+    assert _violations(log, _simulate(log, slow_copy, slow_compute))
