@@ -4,10 +4,12 @@ Offloaded layers keep their weights in one pinned host buffer per layer. The GPU
 staging slots (default 2), each the size of the largest offloaded layer. Offloaded layer j (the
 j-th offloaded layer in forward order) always runs from slot j % K:
 
-    forward start      copy O[0] .. O[K-1] into slots 0 .. K-1          (side stream)
+    first forward      copy O[0] .. O[K-1] into slots 0 .. K-1          (side stream)
     before O[j]        compute stream waits for O[j]'s copy; its params point at the slot
     after O[j]         params point back at host memory; slot j % K is released (event), and
-                       the side stream copies O[j + K] into it once the release has happened
+                       the side stream copies O[j + K] into it once the release has happened;
+                       after the last one, O[0] .. O[K-1] of the next forward, so those copies
+                       overlap the end of this step and the host's work between steps
 
 So while O[j] computes, up to K - 1 later offloaded layers are in flight, and a slot is never
 overwritten before the layer that used it has finished. Model code does not change: hooks swap
@@ -92,7 +94,8 @@ class LayerStager:
     bindings: list[list[_Binding]]  # per position j
     slots: list[torch.Tensor]
     device: torch.device
-    _issued: set[int] = field(default_factory=set)
+    _issued: set[int] = field(default_factory=set)  # positions copied for the running forward
+    _ahead: set[int] = field(default_factory=set)  # positions already copied for the next forward
     _handles: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -101,6 +104,10 @@ class LayerStager:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.copied = [torch.cuda.Event() for _ in self.slots]
             self.released = [torch.cuda.Event() for _ in self.slots]
+            for slot in self.slots:
+                # The copies for the next forward may still run when the model is freed: the
+                # allocator must not hand a slot's memory out again before they finish.
+                slot.record_stream(self.copy_stream)
 
     def attach(self, parent: nn.Module, layers: nn.ModuleList) -> None:
         self._handles.append(parent.register_forward_pre_hook(lambda m, a: self.start()))
@@ -115,10 +122,14 @@ class LayerStager:
         self._handles.clear()
 
     def start(self) -> None:
-        self._issued.clear()
+        if self._ahead:
+            # The previous forward already issued our first copies (see after()).
+            self._issued, self._ahead = self._ahead, set()
+            return
+        self._issued = set()
         if self.cuda:
-            # Whatever the compute stream has queued (an earlier forward's use of a slot
-            # included) happens before this forward's copies.
+            # Whatever the compute stream has queued (an earlier, maybe interrupted, forward's
+            # use of a slot included) happens before this forward's copies.
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for j in self.schedule.initial():
             self.prefetch(j)
@@ -155,6 +166,13 @@ class LayerStager:
         nxt = self.schedule.after(j)
         if nxt is not None:
             self.prefetch(nxt)
+        elif j == len(self.schedule.layers) - 1:
+            # The last offloaded layer is done: copy the next forward's first layers now, so the
+            # copies overlap this step's tail (final layers, logits, sampling, scheduling) too.
+            # Each waits for its slot's release like any other copy.
+            for k in self.schedule.initial():
+                self.prefetch(k)
+            self._ahead = set(self.schedule.initial())
 
 
 def measure_h2d_bandwidth(device: torch.device, src: torch.Tensor | None = None, reps: int = 5) -> float:

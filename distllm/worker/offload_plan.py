@@ -74,7 +74,8 @@ class StagingSchedule:
         return j % self.num_slots
 
     def initial(self) -> list[int]:
-        """Positions j copied at forward start: one per slot."""
+        """The positions copied before a forward begins (one per slot): at the first forward's
+        start, and at the end of every forward for the next."""
         return list(range(min(self.num_slots, len(self.layers))))
 
     def after(self, j: int) -> int | None:
@@ -82,15 +83,18 @@ class StagingSchedule:
         nxt = j + self.num_slots
         return nxt if nxt < len(self.layers) else None
 
-    def events(self) -> list[tuple[str, int, int]]:
-        """One forward pass as (op, layer index, slot), op in prefetch / use / release."""
-        ev = [("prefetch", self.layers[j], self.slot_of(j)) for j in self.initial()]
+    def events(self, first: bool = True) -> list[tuple[str, int, int]]:
+        """One forward pass as (op, layer index, slot), op in prefetch / use / release. The
+        first forward copies its first K layers at its start; every forward ends by copying
+        the next forward's first K layers, once their slots are released."""
+        ev = [("prefetch", self.layers[j], self.slot_of(j)) for j in self.initial()] if first else []
         for j, layer in enumerate(self.layers):
             ev.append(("use", layer, self.slot_of(j)))
             ev.append(("release", layer, self.slot_of(j)))
             nxt = self.after(j)
             if nxt is not None:
                 ev.append(("prefetch", self.layers[nxt], self.slot_of(nxt)))
+        ev += [("prefetch", self.layers[j], self.slot_of(j)) for j in self.initial()]
         return ev
 
 

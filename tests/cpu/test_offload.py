@@ -80,7 +80,9 @@ def test_schedule_events_exact():
         ("use", 3, 1), ("release", 3, 1), ("prefetch", 7, 1),
         ("use", 5, 0), ("release", 5, 0),
         ("use", 7, 1), ("release", 7, 1),
+        ("prefetch", 1, 0), ("prefetch", 3, 1),  # the next forward's first layers
     ]
+    assert s.events(first=False) == s.events()[2:]
 
 
 @pytest.mark.parametrize("n,k", [(1, 2), (2, 2), (5, 2), (7, 3), (6, 1), (3, 4)])
@@ -90,7 +92,7 @@ def test_schedule_invariants(n, k):
     s = StagingSchedule(layers, k)
     holder: dict[int, int | None] = {}  # slot -> layer copied into it and not yet released
     used, ahead_max = [], 0
-    for op, layer, slot in s.events():
+    for op, layer, slot in s.events() + s.events(first=False):
         if op == "prefetch":
             assert holder.get(slot) is None, f"slot {slot} overwritten while layer {holder.get(slot)} holds it"
             holder[slot] = layer
@@ -102,7 +104,7 @@ def test_schedule_invariants(n, k):
         else:
             assert holder[slot] == layer
             holder[slot] = None
-    assert used == list(layers)
+    assert used == 2 * list(layers)
     assert ahead_max <= k - 1
     assert ahead_max == min(k, n) - 1  # and the prefetch distance is used in full
 
@@ -288,10 +290,10 @@ def test_hooks_follow_schedule_and_restore_host_views(tiny_models):
             else:
                 assert s is None
         model.model.layers[idx].register_forward_pre_hook(probe)  # runs after the stager's own hook
-    for _ in range(2):
+    for first in (True, False, False):
         seen.clear()
         assert torch.equal(_forward(plain), _forward(model))
-        assert seen == StagingSchedule((1, 3, 5), 2).events()
+        assert seen == StagingSchedule((1, 3, 5), 2).events(first=first)
     # Between forwards every offloaded parameter is its host view again.
     for _, p in iter_offloaded(model, o.plan):
         assert in_slot(p) is None and p.device.type == "cpu"
@@ -407,7 +409,7 @@ def _simulate(log, copy_s: float, compute_s: float) -> list[tuple[float, float]]
         start = ready.get(stream, 0.0)
         if kind in ("wait_event", "wait_op") and op[2] is not None:
             start = max(start, times[op[2]][1])
-        dur = {"copy": copy_s, "compute": compute_s}.get(kind, 0.0)
+        dur = {"copy": copy_s, "compute": compute_s}.get(kind, op[2] if kind == "gap" else 0.0)
         times.append((start, start + dur))
         ready[stream] = start + dur
     return times
@@ -430,7 +432,7 @@ def _violations(log, times) -> list[str]:
     return bad
 
 
-def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, break_wait=None):
+def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, break_wait=None, gap_s=None):
     from distllm.worker.offload import LayerStager
 
     fake = _FakeCuda()
@@ -462,6 +464,8 @@ def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, bre
             if j is not None:
                 st.after(j)
         fake.compute.enqueue(("compute", None, "logits"))
+        if gap_s is not None:  # sampling and the host's work between steps, as busy time
+            fake.compute.enqueue(("gap", gap_s))
     return fake.log
 
 
@@ -472,18 +476,19 @@ def test_stream_order_never_races(monkeypatch, offloaded, num_layers, k, copy_s,
     log = _run_forwards(monkeypatch, list(offloaded), num_layers, k)
     times = _simulate(log, copy_s, compute_s)
     assert _violations(log, times) == []
-    assert sum(op[1] == "copy" for op in log) == 2 * len(offloaded)
+    assert sum(op[1] == "copy" for op in log) == 2 * len(offloaded) + min(k, len(offloaded))
 
 
 def test_stream_order_overlaps_copies_with_compute(monkeypatch):
     """Slow copies, 8 layers with 4 offloaded (2 slots): the copy stream never idles once the
     forward has started, so a step is about the copies' time, not copies + compute."""
-    log = _run_forwards(monkeypatch, [1, 3, 5, 7], 8, 2, forwards=1)
+    log = _run_forwards(monkeypatch, [1, 3, 5, 7], 8, 2, forwards=2, gap_s=5.0)
     times = _simulate(log, copy_s=10.0, compute_s=1.0)
     copy_times = sorted(times[i] for i, op in enumerate(log) if op[1] == "copy")
-    assert all(b[0] == a[1] for a, b in zip(copy_times, copy_times[1:]))  # back to back
-    end = max(t[1] for t in times)
-    assert end == 4 * 10.0 + 1.0 + 1.0  # the copies, then layer 7 and the logits; all else overlapped
+    assert all(b[0] == a[1] for a, b in zip(copy_times, copy_times[1:]))  # back to back, across steps too
+    logits_end = [times[i][1] for i, op in enumerate(log) if op[1] == "compute" and op[3] == "logits"]
+    # Each step: its 4 copies, then layer 7 and the logits; the host gap between steps is hidden.
+    assert logits_end == [4 * 10.0 + 2.0, 8 * 10.0 + 2.0]
 
 
 @pytest.mark.parametrize("broken", ["copied", "released"])
