@@ -4,7 +4,8 @@ issue's bounds:
     batch 256:  step(offload) <= 1.2 x max(step(no offload), offloaded bytes / H2D bandwidth)
     batch 1:    step(offload) <= 1.2 x (step(no offload) + offloaded bytes / H2D bandwidth)
 
-    python benchmarks/bench_offload.py [--offload-gb 8] [--model-shape llama3-8b] [--steps 16]
+    python benchmarks/bench_offload.py [--offload-gb 8] [--model-shape llama3-8b] [--steps 16] \\
+        [--slots 2] [--no-prefetch-next]
 
 Step time = (t(N + 1 tokens) - t(1 token)) / N for one batch of equal prompts: the prefill and
 the first token cancel. H2D bandwidth is measured here (pinned 1 GiB, best of 5) before the
@@ -68,7 +69,12 @@ def main() -> None:
     ap.add_argument("--model-shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per measurement")
     ap.add_argument("--batches", default="1,256")
+    ap.add_argument("--slots", type=int, default=2, help="GPU staging slots (DISTLLM_OFFLOAD_SLOTS)")
+    ap.add_argument("--no-prefetch-next", action="store_true",
+                    help="do not copy the next step's first layers at the end of a step (DISTLLM_OFFLOAD_PREFETCH_NEXT=0)")
     args = ap.parse_args()
+    os.environ["DISTLLM_OFFLOAD_SLOTS"] = str(args.slots)
+    os.environ["DISTLLM_OFFLOAD_PREFETCH_NEXT"] = "0" if args.no_prefetch_next else "1"
 
     import torch
 
@@ -89,7 +95,8 @@ def main() -> None:
     print("no offload:", {b: f"{t * 1e3:.2f} ms" for b, t in base.items()}, flush=True)
     offl, nbytes, engine_bw = step_times(folder, args.offload_gb, batches, args.steps)
     transfer = nbytes / bw
-    print(f"offload {args.offload_gb:g} GiB: {nbytes / 1e9:.2f} GB offloaded, transfer floor {transfer * 1e3:.1f} ms/step"
+    print(f"offload {args.offload_gb:g} GiB ({args.slots} slots, prefetch across steps "
+          f"{'off' if args.no_prefetch_next else 'on'}): {nbytes / 1e9:.2f} GB offloaded, transfer floor {transfer * 1e3:.1f} ms/step"
           + (f", engine measured {engine_bw / 1e9:.1f} GB/s" if engine_bw else ""), flush=True)
 
     print(f"\n{'batch':>5} | {'no offload ms':>13} | {'offload ms':>10} | {'bound ms':>8} | {'ratio':>5} | result")

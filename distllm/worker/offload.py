@@ -23,6 +23,7 @@ on CPU it copies synchronously, which the tests use to check the hooks.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -94,6 +95,7 @@ class LayerStager:
     bindings: list[list[_Binding]]  # per position j
     slots: list[torch.Tensor]
     device: torch.device
+    prefetch_next: bool = True  # copy the next forward's first layers at the end of each forward
     _issued: set[int] = field(default_factory=set)  # positions copied for the running forward
     _ahead: set[int] = field(default_factory=set)  # positions already copied for the next forward
     _handles: list = field(default_factory=list)
@@ -166,7 +168,7 @@ class LayerStager:
         nxt = self.schedule.after(j)
         if nxt is not None:
             self.prefetch(nxt)
-        elif j == len(self.schedule.layers) - 1:
+        elif self.prefetch_next and j == len(self.schedule.layers) - 1:
             # The last offloaded layer is done: copy the next forward's first layers now, so the
             # copies overlap this step's tail (final layers, logits, sampling, scheduling) too.
             # Each waits for its slot's release like any other copy.
@@ -216,11 +218,14 @@ class CpuOffloader:
     device and offloaded ones in pinned host memory, and installs the LayerStager."""
 
     def __init__(self, requested: float | str, device: torch.device, auto: "AutoSizer | None" = None,
-                 num_slots: int = DEFAULT_SLOTS):
+                 num_slots: int = DEFAULT_SLOTS, prefetch_next: bool = True):
+        if num_slots < 1:
+            raise ValueError(f"CPU offload needs at least 1 staging slot, got {num_slots}.")
         self.requested = requested
         self.device = device
         self.auto = auto
         self.num_slots = num_slots
+        self.prefetch_next = prefetch_next
         self.plan: OffloadPlan | None = None
         self.stager: LayerStager | None = None
         self.h2d_bytes_per_s: float | None = None
@@ -264,7 +269,7 @@ class CpuOffloader:
                         module._parameters[name] = replaced[id(p)]
             host_buffers.append(buf)
             bindings.append(b)
-        self.stager = LayerStager(sched, host_buffers, bindings, slots, self.device)
+        self.stager = LayerStager(sched, host_buffers, bindings, slots, self.device, self.prefetch_next)
         self.stager.attach(parent, layers)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the meta conversion's transient blocks
@@ -308,8 +313,9 @@ class CpuOffloader:
         asked = p.requested if isinstance(p.requested, str) else f"{p.requested:g}"
         logger.info(
             "CPU offload: %d of %d layers %s in %s host memory, %.2f GiB (cpu_offload_gb=%s); staging %d slots x "
-            "%.1f MiB on %s%s", len(p.layers), p.num_layers, p.layers, "pinned" if bw else "plain", p.offloaded_bytes / GiB,
-            asked, p.schedule().num_slots, p.slot_bytes / 2**20, self.device, copy_ms)
+            "%.1f MiB on %s%s%s", len(p.layers), p.num_layers, p.layers, "pinned" if bw else "plain", p.offloaded_bytes / GiB,
+            asked, p.schedule().num_slots, p.slot_bytes / 2**20, self.device, copy_ms,
+            "" if self.prefetch_next else "; no prefetch across steps")
 
 
 @dataclass
@@ -367,7 +373,10 @@ def make_offloader(config: "EngineConfig", device: torch.device, kv_spec: "KVCac
     sc = config.scheduler_config
     kv_bytes = -(-sc.max_model_len // kv_spec.block_size) * kv_spec.block_bytes
     auto = AutoSizer(device, config.cache_config.gpu_memory_utilization, kv_bytes, _headroom_bytes(config))
-    return CpuOffloader(requested, device, auto)
+    # Tuning knobs for benchmarks (benchmarks/bench_offload.py --slots / --no-prefetch-next).
+    slots = int(os.environ.get("DISTLLM_OFFLOAD_SLOTS", DEFAULT_SLOTS))
+    prefetch_next = os.environ.get("DISTLLM_OFFLOAD_PREFETCH_NEXT", "1").lower() not in ("0", "false", "no")
+    return CpuOffloader(requested, device, auto, num_slots=slots, prefetch_next=prefetch_next)
 
 
 def iter_offloaded(model: nn.Module, plan: OffloadPlan) -> Iterator[tuple[str, nn.Parameter]]:

@@ -432,14 +432,15 @@ def _violations(log, times) -> list[str]:
     return bad
 
 
-def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, break_wait=None, gap_s=None):
+def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, break_wait=None, gap_s=None,
+                  prefetch_next=True):
     from distllm.worker.offload import LayerStager
 
     fake = _FakeCuda()
     fake.install(monkeypatch)
     sched = StagingSchedule(tuple(offloaded), num_slots)
     st = LayerStager(sched, [torch.zeros(4, dtype=torch.uint8) for _ in offloaded], [[] for _ in offloaded],
-                     [torch.zeros(4, dtype=torch.uint8) for _ in range(num_slots)], torch.device("cpu"))
+                     [torch.zeros(4, dtype=torch.uint8) for _ in range(num_slots)], torch.device("cpu"), prefetch_next)
     st.cuda = True  # the CUDA path, on the fakes
     st.copy_stream = torch.cuda.Stream()
     st.copied = [torch.cuda.Event() for _ in range(num_slots)]
@@ -472,11 +473,13 @@ def _run_forwards(monkeypatch, offloaded, num_layers, num_slots, forwards=2, bre
 @pytest.mark.parametrize("copy_s,compute_s", [(10.0, 1.0), (1.0, 10.0), (3.0, 3.0), (0.0, 1.0)])
 @pytest.mark.parametrize("offloaded,num_layers,k", [((1, 3, 5, 7), 8, 2), ((0, 1, 2, 3, 4), 5, 2),
                                                     ((2, 5, 8), 9, 3), ((1, 2), 4, 1), ((3,), 4, 2)])
-def test_stream_order_never_races(monkeypatch, offloaded, num_layers, k, copy_s, compute_s):
-    log = _run_forwards(monkeypatch, list(offloaded), num_layers, k)
+@pytest.mark.parametrize("prefetch_next", [True, False])
+def test_stream_order_never_races(monkeypatch, offloaded, num_layers, k, copy_s, compute_s, prefetch_next):
+    log = _run_forwards(monkeypatch, list(offloaded), num_layers, k, forwards=3, gap_s=2.0, prefetch_next=prefetch_next)
     times = _simulate(log, copy_s, compute_s)
     assert _violations(log, times) == []
-    assert sum(op[1] == "copy" for op in log) == 2 * len(offloaded) + min(k, len(offloaded))
+    ahead = min(k, len(offloaded)) if prefetch_next else 0
+    assert sum(op[1] == "copy" for op in log) == 3 * len(offloaded) + ahead
 
 
 def test_stream_order_overlaps_copies_with_compute(monkeypatch):
