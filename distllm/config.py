@@ -32,8 +32,10 @@ def parse_cpu_offload_gb(value: Any) -> float | str:
             value = float(text)
         except ValueError:
             raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0 or 'auto', got {value!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0 or 'auto', got {value!r}.")
+    if value < 0:
+        raise ValueError(f"cpu_offload_gb must be >= 0, got {value!r} (GiB of weights per GPU, or 'auto').")
     return float(value)
 
 
