@@ -112,11 +112,25 @@ class LayerStager:
                 slot.record_stream(self.copy_stream)
 
     def attach(self, parent: nn.Module, layers: nn.ModuleList) -> None:
-        self._handles.append(parent.register_forward_pre_hook(lambda m, a: self.start()))
+        # The hooks return None on purpose: a hook's return value would replace the module's
+        # inputs (pre-hook) or output (forward hook).
+        def on_start(module: nn.Module, args: tuple) -> None:
+            self.start()
+
+        def on_enter(j: int):
+            def hook(module: nn.Module, args: tuple) -> None:
+                self.before(j)
+            return hook
+
+        def on_exit(j: int):
+            def hook(module: nn.Module, args: tuple, out: object) -> None:
+                self.after(j)
+            return hook
+
+        self._handles.append(parent.register_forward_pre_hook(on_start))
         for j, idx in enumerate(self.schedule.layers):
-            layer = layers[idx]
-            self._handles.append(layer.register_forward_pre_hook(lambda m, a, j=j: self.before(j)))
-            self._handles.append(layer.register_forward_hook(lambda m, a, o, j=j: self.after(j)))
+            self._handles.append(layers[idx].register_forward_pre_hook(on_enter(j)))
+            self._handles.append(layers[idx].register_forward_hook(on_exit(j)))
 
     def detach(self) -> None:
         for h in self._handles:

@@ -502,3 +502,31 @@ def test_stream_order_check_catches_a_missing_wait(monkeypatch, broken):
     log = _run_forwards(monkeypatch, [1, 3, 5, 7], 8, 2, break_wait=broken)
     slow_copy, slow_compute = (10.0, 1.0) if broken == "copied" else (1.0, 10.0)
     assert _violations(log, _simulate(log, slow_copy, slow_compute))
+
+
+def test_engine_generates_through_the_stager_on_cpu(tiny_models, monkeypatch):
+    """The whole engine (profile, prefill, decode with a KV cache, several steps) with the
+    staging hooks installed, forced on CPU: the same greedy tokens as without offload."""
+    from distllm import LLM, SamplingParams
+
+    made: list[CpuOffloader] = []
+
+    def forced(config, device, kv_spec):
+        o = CpuOffloader(1e-9, device, num_slots=1)  # the fewest layers: one, through one slot
+        made.append(o)
+        return o
+
+    prompts = [{"prompt_token_ids": [5, 900, 1200, 77]}, {"prompt_token_ids": list(range(300, 345))}]
+    sp = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    kw = dict(model=tiny_models["qwen3"], device="cpu")
+    with LLM(**kw) as llm:
+        ref = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    monkeypatch.setattr(off, "make_offloader", forced)
+    with LLM(**kw) as llm:
+        st = made[0].stager
+        calls = []
+        real_before = st.before
+        st.before = lambda j: (calls.append(j), real_before(j))  # returns a tuple: the hooks must drop it
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert made[0].plan.layers == [1] and len(calls) >= 10  # one staged layer (of 2) per forward
+    assert got == ref
