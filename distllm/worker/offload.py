@@ -41,6 +41,7 @@ from distllm.worker.offload_plan import (
     auto_offload_count,
     choose_offloaded_layers,
     layer_layout,
+    pack_host_chunks,
     spread_layers,
 )
 
@@ -266,8 +267,13 @@ class CpuOffloader:
         slots = [torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=self.device)
                  for _ in range(self.plan.schedule().num_slots)]
         sched = self.plan.schedule()
+        buffers = []
+        for chunk in pack_host_chunks([layer_bytes[idx] for idx in self.plan.layers]):
+            sizes = [layer_bytes[self.plan.layers[j]] for j in chunk]
+            whole = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
+            buffers += list(whole.split(sizes))
         for j, idx in enumerate(self.plan.layers):
-            buf = torch.empty(layer_bytes[idx], dtype=torch.uint8, pin_memory=pin)
+            buf = buffers[j]
             slot = slots[sched.slot_of(j)]
             b, replaced = [], {}
             for ps, (_, p) in zip(layouts[idx].params, _own_params(layers[idx])):

@@ -63,6 +63,28 @@ def layer_layout(params: list[tuple[str, int]]) -> LayerLayout:
     return LayerLayout(tuple(out), off)
 
 
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def pack_host_chunks(sizes: list[int]) -> list[list[int]]:
+    """Group consecutive layer buffers (positions) into pinned allocations. PyTorch's pinned
+    allocator rounds every request up to a power of two (a 436 MB Llama-8B layer takes 512 MiB),
+    so each chunk takes the run of layers that fills its power of two best (the longer run on a
+    tie: fewer allocations). Sizes must be multiples of ALIGN, so every layer starts aligned."""
+    chunks, i = [], 0
+    while i < len(sizes):
+        best_k, best_fill, total = 1, 0.0, 0
+        for k in range(1, len(sizes) - i + 1):
+            total += sizes[i + k - 1]
+            fill = total / _pow2_ceil(total)
+            if fill >= best_fill:
+                best_k, best_fill = k, fill
+        chunks.append(list(range(i, i + best_k)))
+        i += best_k
+    return chunks
+
+
 @dataclass(frozen=True)
 class StagingSchedule:
     """Which slot each offloaded layer uses and when its copy is issued (host order)."""

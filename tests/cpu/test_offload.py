@@ -63,6 +63,21 @@ def test_choose_layers_reaches_requested_bytes():
     assert sum([layer] * 20) >= 8 * GiB > sum([layer] * 19)
 
 
+def test_pack_host_chunks_fills_powers_of_two():
+    from distllm.worker.offload_plan import pack_host_chunks
+
+    mib = 2**20
+    assert pack_host_chunks([]) == []
+    assert pack_host_chunks([512 * mib] * 3) == [[0, 1], [2]]  # 1 GiB exactly, then 512 MiB exactly
+    # Llama-3.1-8B layers (416 MiB, 0.81 of 512 MiB): 20 of them in 2 allocations, not 20.
+    layer = 2 * (4096 * 6144 + 4096 * 4096 + 3 * 4096 * 14336 + 2 * 4096)
+    chunks = pack_host_chunks([layer] * 20)
+    assert [j for c in chunks for j in c] == list(range(20))
+    assert [len(c) for c in chunks] == [19, 1]  # 19 x 416 MiB = 7904 MiB of 8 GiB, then 416 of 512 MiB
+    pinned = sum(1 << (len(c) * layer - 1).bit_length() for c in chunks)
+    assert pinned == 8 * 2**30 + 512 * mib  # instead of 20 x 512 MiB = 10 GiB
+
+
 def test_layer_layout_aligns_each_param():
     lay = layer_layout([("a", 10), ("b", 512), ("c", 3)])
     assert [(p.name, p.offset, p.nbytes) for p in lay.params] == [("a", 0, 10), ("b", 256, 512), ("c", 768, 3)]
