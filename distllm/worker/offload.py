@@ -36,6 +36,7 @@ from distllm.worker.offload_plan import (
     DEFAULT_SLOTS,
     GiB,
     AutoInputs,
+    LayerLayout,
     OffloadPlan,
     StagingSchedule,
     auto_offload_count,
@@ -227,6 +228,24 @@ def _materialize(model: nn.Module, device: torch.device, skip: set[int]) -> None
             module._parameters[name] = done[id(p)]
 
 
+def _bind_layer(layer: nn.Module, layout: LayerLayout, buf: torch.Tensor, slot: torch.Tensor) -> list[_Binding]:
+    """Replace the layer's (meta) parameters by views of its host buffer, each paired with the
+    view of the same bytes in its staging slot."""
+    bindings, replaced = [], {}
+    for ps, (_, p) in zip(layout.params, _own_params(layer)):
+        host = buf[ps.offset : ps.offset + ps.nbytes].view(p.dtype).view(p.shape)
+        staged = slot[ps.offset : ps.offset + ps.nbytes].view(p.dtype).view(p.shape)
+        new = nn.Parameter(host, requires_grad=False)
+        new.__dict__.update(p.__dict__)  # weight_loader and friends
+        replaced[id(p)] = new
+        bindings.append(_Binding(new, host, staged))
+    for module in layer.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in replaced:
+                module._parameters[name] = replaced[id(p)]
+    return bindings
+
+
 class CpuOffloader:
     """The loader's `place` step: called on a model whose parameters are still on the meta
     device (buffers on the target device). Decides the plan, puts resident parameters on the
@@ -262,39 +281,24 @@ class CpuOffloader:
         _materialize(model, self.device, skip)
         if not self.plan.layers:
             return
-        pin = self.device.type == "cuda"
-        host_buffers, bindings = [], []
-        slots = [torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=self.device)
-                 for _ in range(self.plan.schedule().num_slots)]
-        sched = self.plan.schedule()
-        buffers = []
-        for chunk in pack_host_chunks([layer_bytes[idx] for idx in self.plan.layers]):
-            sizes = [layer_bytes[self.plan.layers[j]] for j in chunk]
-            whole = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
-            buffers += list(whole.split(sizes))
-        for j, idx in enumerate(self.plan.layers):
-            buf = buffers[j]
-            slot = slots[sched.slot_of(j)]
-            b, replaced = [], {}
-            for ps, (_, p) in zip(layouts[idx].params, _own_params(layers[idx])):
-                host = buf[ps.offset : ps.offset + ps.nbytes].view(p.dtype).view(p.shape)
-                staged = slot[ps.offset : ps.offset + ps.nbytes].view(p.dtype).view(p.shape)
-                new = nn.Parameter(host, requires_grad=False)
-                new.__dict__.update(p.__dict__)  # weight_loader and friends
-                replaced[id(p)] = new
-                b.append(_Binding(new, host, staged))
-            for module in layers[idx].modules():
-                for name, p in list(module._parameters.items()):
-                    if p is not None and id(p) in replaced:
-                        module._parameters[name] = replaced[id(p)]
-            host_buffers.append(buf)
-            bindings.append(b)
-        self.stager = LayerStager(sched, host_buffers, bindings, slots, self.device, self.prefetch_next)
+        self.stager = self._build_stager(layers, layouts)
         self.stager.attach(parent, layers)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the meta conversion's transient blocks
-            self.h2d_bytes_per_s = measure_h2d_bandwidth(self.device, host_buffers[0], reps=3)
+            self.h2d_bytes_per_s = measure_h2d_bandwidth(self.device, self.stager.host_buffers[0], reps=3)
         self._log()
+
+    def _build_stager(self, layers: nn.ModuleList, layouts: list[LayerLayout]) -> LayerStager:
+        plan, sched = self.plan, self.plan.schedule()
+        slots = [torch.empty(plan.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(sched.num_slots)]
+        sizes = [layouts[idx].nbytes for idx in plan.layers]
+        host: list[torch.Tensor] = []
+        for chunk in pack_host_chunks(sizes):
+            whole = torch.empty(sum(sizes[j] for j in chunk), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            host += list(whole.split([sizes[j] for j in chunk]))
+        bindings = [_bind_layer(layers[idx], layouts[idx], host[j], slots[sched.slot_of(j)])
+                    for j, idx in enumerate(plan.layers)]
+        return LayerStager(sched, host, bindings, slots, self.device, self.prefetch_next)
 
     def _decide(self, layer_bytes: list[int], fixed: int) -> OffloadPlan:
         n_layers = len(layer_bytes)
