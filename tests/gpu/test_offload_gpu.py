@@ -95,18 +95,33 @@ def reference(model_dir):
     return ids
 
 
+@pytest.fixture
+def distllm_log(caplog):
+    """The distllm logger does not propagate to the root logger: listen on it directly."""
+    import logging
+
+    lg = logging.getLogger("distllm")
+    lg.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    lg.removeHandler(caplog.handler)
+
+
 @pytest.mark.parametrize("n_layers", [1, 3, LAYERS])
-def test_offload_greedy_equal(model_dir, reference, n_layers):
+def test_offload_greedy_equal(model_dir, reference, n_layers, distllm_log):
     ids, plan, graphs = _generate(model_dir, cpu_offload_gb=n_layers * LAYER_BYTES / 2**30)
     assert plan is not None and len(plan.layers) == n_layers
-    assert not graphs  # CUDA graphs are off while layers are offloaded
+    assert not graphs and "CUDA graphs off" in distllm_log.text  # off while layers are offloaded
     assert ids == reference
 
 
-def test_offload_greedy_equal_eager(model_dir, reference):
+def test_offload_greedy_equal_eager(model_dir, reference, distllm_log):
     ids, plan, _ = _generate(model_dir, cpu_offload_gb=2 * LAYER_BYTES / 2**30, enforce_eager=True)
     assert plan.layers == [3, 7]
     assert ids == reference
+    text = distllm_log.text
+    assert "CPU offload: 2 of 8 layers [3, 7] in pinned host memory" in text and "GB/s" in text
+    assert "fit in GPU memory without offload" in text  # a tiny model on a big GPU: the warning
 
 
 def test_offload_dummy_bf16_equal(model_dir):
