@@ -294,7 +294,13 @@ class CpuOffloader:
         sizes = [layouts[idx].nbytes for idx in plan.layers]
         host: list[torch.Tensor] = []
         for chunk in pack_host_chunks(sizes):
-            whole = torch.empty(sum(sizes[j] for j in chunk), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            try:
+                whole = torch.empty(sum(sizes[j] for j in chunk), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            except RuntimeError as e:  # cudaHostAlloc failed: not enough host memory to lock
+                raise RuntimeError(
+                    f"cpu_offload_gb={plan.requested}: cannot allocate {sum(sizes) / GiB:.2f} GiB of pinned host memory "
+                    f"for {len(plan.layers)} offloaded layers ({e}). Lower cpu_offload_gb or free host memory."
+                ) from None
             host += list(whole.split([sizes[j] for j in chunk]))
         bindings = [_bind_layer(layers[idx], layouts[idx], host[j], slots[sched.slot_of(j)])
                     for j, idx in enumerate(plan.layers)]
