@@ -135,7 +135,8 @@ def test_offload_dummy_bf16_equal(model_dir):
 @pytest.mark.skipif(NUM_GPUS < 2, reason="needs >= 2 GPUs")
 def test_offload_tp2_equal(model_dir):
     ref, _, _ = _generate(model_dir, tensor_parallel_size=2, distributed_executor_backend="mp", enforce_eager=True)
-    # Per rank: half of each layer's weights, so 2 layers' fp32 bytes / 2 offloads 2 layers on each rank.
+    # A layer's shard is a little over LAYER_BYTES / 2 (the norms are replicated): LAYER_BYTES
+    # asks for 2 layers on each rank.
     ids, _, _ = _generate(model_dir, tensor_parallel_size=2, distributed_executor_backend="mp",
                           cpu_offload_gb=LAYER_BYTES / 2**30)
     assert ids == ref
