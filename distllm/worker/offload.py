@@ -15,6 +15,10 @@ So while O[j] computes, up to K - 1 later offloaded layers are in flight, and a 
 overwritten before the layer that used it has finished. Model code does not change: hooks swap
 each parameter's `.data` between its host view and its slot view.
 
+CUDA graphs are off while layers are offloaded (model_runner logs it): the hooks run in Python
+at every forward, which a replay would skip. Little is lost: an offloaded step waits for its
+copies (8 GB at ~50 GB/s is ~160 ms), which hide the host's kernel launches anyway.
+
 Which layers, how the bytes are laid out and the staging order are decided in
 worker/offload_plan.py (plain Python, unit-tested on CPU). `LayerStager` is the CUDA machinery;
 on CPU it copies synchronously, which the tests use to check the hooks.
