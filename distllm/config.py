@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,31 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _BACKENDS = (None, "uni", "mp", "ray")
 _RUNNERS = ("auto", "generate", "pooling")
 _POLICIES = ("fcfs", "priority")
+
+
+def parse_cpu_offload_gb(value: Any) -> float | str:
+    """cpu_offload_gb as given: GiB of layer weights per GPU (a number >= 0, also as a string)
+    or "auto" (choose from the measured free memory)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0 or 'auto', got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"cpu_offload_gb must be a number of GiB >= 0 or 'auto', got {value!r}.")
+    if value < 0:
+        raise ValueError(f"cpu_offload_gb must be >= 0, got {value!r} (GiB of weights per GPU, or 'auto').")
+    return float(value)
+
+
+def _offload_arg(text: str) -> float | str:
+    try:
+        return parse_cpu_offload_gb(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _canonical_dtype(dtype: str) -> str:
@@ -47,7 +73,7 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     # Build step N's outputs (detokenize, stop strings) while the device runs step N + 1.
     disable_async_output_proc: bool = False
-    cpu_offload_gb: float = 0.0
+    cpu_offload_gb: float | str = 0.0  # GiB per GPU, or "auto"
     enforce_eager: bool = False
     load_format: str = "auto"
     quantization: str | None = None
@@ -60,6 +86,7 @@ class EngineArgs:
     worker_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        self.cpu_offload_gb = parse_cpu_offload_gb(self.cpu_offload_gb)  # "8" -> 8.0, "AUTO" -> "auto"
         self.validate()
 
     def validate(self) -> None:
@@ -95,7 +122,7 @@ class EngineArgs:
             self.max_model_len is None or self.max_model_len >= 1,
             f"max_model_len must be >= 1, got {self.max_model_len}.",
         )
-        need(self.cpu_offload_gb >= 0, f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}.")
+        parse_cpu_offload_gb(self.cpu_offload_gb)  # raises, naming cpu_offload_gb
         need(self.load_format in _LOAD_FORMATS, f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}.")
         need(self.runner in _RUNNERS, f"runner must be one of {_RUNNERS}, got {self.runner!r}.")
         need(
@@ -135,7 +162,8 @@ class EngineArgs:
         g.add_argument("--scheduling-policy", type=str, default="fcfs", choices=list(_POLICIES))
         g.add_argument("--disable-async-output-proc", action="store_true",
                        help="build each step's outputs before the next step starts (one step less latency, less overlap)")
-        g.add_argument("--cpu-offload-gb", type=float, default=0.0)
+        g.add_argument("--cpu-offload-gb", type=_offload_arg, default=0.0,
+                       help="GiB of layer weights per GPU kept in pinned host memory, or 'auto'")
         g.add_argument("--enforce-eager", action="store_true")
         g.add_argument("--load-format", type=str, default="auto", choices=list(_LOAD_FORMATS))
         g.add_argument("--quantization", type=str, default=None)
@@ -256,7 +284,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_bytes: int | None = None
-    cpu_offload_gb: float = 0.0
+    cpu_offload_gb: float | str = 0.0  # GiB per GPU, or "auto"
     num_blocks: int | None = None  # decided after profiling
 
 

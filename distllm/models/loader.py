@@ -10,7 +10,8 @@ import glob
 import json
 import os
 import time
-from typing import Any, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -64,26 +65,65 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, Any]]:
 
 
 @torch.no_grad()
-def _fill_dummy(model: nn.Module, seed: int) -> None:
+def _fill_dummy(model: nn.Module, seed: int, device: torch.device | str) -> None:
     # Small uniform values keep activations finite through many layers (what vLLM does too).
     torch.manual_seed(seed)
+    device = torch.device(device)
     for name, p in model.named_parameters():
         if "norm" in name:
             p.fill_(1.0)
+        elif p.device.type != device.type:
+            # Offloaded to host memory: draw on `device` all the same, so the values (and the
+            # generator's state for the next parameter) equal a run without offload.
+            p.copy_(torch.empty_like(p, device=device).uniform_(-1e-3, 1e-3))
         else:
             p.uniform_(-1e-3, 1e-3)
 
 
+@contextmanager
+def _params_on_meta() -> Iterator[None]:
+    """Register every new parameter on the meta device (buffers stay where they are made), so
+    a `place` step can decide where each weight lives before any device memory holds it."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            param = meta
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
 @torch.no_grad()
-def load_model(model_config: ModelConfig, device: torch.device | str, seed: int = 0) -> nn.Module:
+def load_model(
+    model_config: ModelConfig,
+    device: torch.device | str,
+    seed: int = 0,
+    place: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """`place`, when given, is called on the freshly built model whose parameters are still on
+    the meta device; it must give each one real memory (worker/offload.py puts some layers in
+    pinned host memory). The weights are loaded after it, wherever it put them."""
     t0 = time.perf_counter()
     dtype = torch_dtype(model_config.dtype)
     cls = get_model_class(model_config.architecture)
     with torch.device(device):
-        model = cls(model_config.hf_config, dtype)
+        if place is None:
+            model = cls(model_config.hf_config, dtype)
+        else:
+            with _params_on_meta():
+                model = cls(model_config.hf_config, dtype)
+    if place is not None:
+        place(model)
     fmt = model_config.load_format
     if fmt == "dummy":
-        _fill_dummy(model, seed)
+        _fill_dummy(model, seed, device)
     elif fmt == "gguf":
         from distllm.models.gguf_loader import iter_gguf_tensors
 

@@ -61,11 +61,16 @@ class ModelRunner:
         self.block_tables = BlockTableHost(
             -(-config.scheduler_config.max_model_len // self.block_size), rows=config.scheduler_config.max_num_seqs + 8
         )
+        self.offload = None  # worker/offload.CpuOffloader when cpu_offload_gb is set
 
     # ---- start-up ---------------------------------------------------------------------------
 
     def load_model(self) -> None:
-        self.model = load_model(self.model_config, self.device, seed=self.config.seed)
+        from distllm.worker.offload import make_offloader
+
+        # cpu_offload_gb: decides which layers live in pinned host memory before any weight is on the GPU.
+        self.offload = make_offloader(self.config, self.device, self.kv_cache_spec())
+        self.model = load_model(self.model_config, self.device, seed=self.config.seed, place=self.offload)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         mc = self.model_config
@@ -93,7 +98,12 @@ class ModelRunner:
             "KV cache: %d blocks of %d tokens (%.2f GB) in %.2f s",
             num_blocks, self.block_size, num_blocks * spec.block_bytes / 1e9, time.perf_counter() - t0,
         )
-        if self.device.type == "cuda" and not self.config.enforce_eager and hasattr(self.model, "compute_logits"):
+        offloading = self.offload is not None and self.offload.active
+        if offloading and not self.config.enforce_eager:
+            from distllm.worker.offload import log_graphs_off
+
+            log_graphs_off()
+        if self.device.type == "cuda" and not self.config.enforce_eager and not offloading and hasattr(self.model, "compute_logits"):
             from distllm.worker.cuda_graph import DecodeGraphs
 
             sc = self.config.scheduler_config
