@@ -218,8 +218,14 @@ def _symmetric_buffer(nbytes: int, group, rank: int, world_size: int, device: to
     # in whether buffer_ptrs / get_buffer count from the block or from the tensor. Take the
     # storage offset that maps this rank's own view onto buf; peers' copies sit at the same
     # offset (same allocation sequence on every rank; the caller checks it is the same).
+    def maps_onto_buf(offset: int) -> bool:
+        try:
+            return offset >= 0 and hdl.get_buffer(rank, (nbytes,), torch.uint8, offset).data_ptr() == buf.data_ptr()
+        except Exception:  # noqa: BLE001 - out of the mapped range: not this candidate
+            return False
+
     for offset in dict.fromkeys((0, buf.data_ptr() - hdl.buffer_ptrs[rank])):
-        if offset >= 0 and hdl.get_buffer(rank, (nbytes,), torch.uint8, offset).data_ptr() == buf.data_ptr():
+        if maps_onto_buf(offset):
             break
     else:
         raise RuntimeError("can't locate this rank's buffer in its symmetric-memory handle")
@@ -280,6 +286,8 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
         # Same answer on every rank (same device kind, same world): no collective needed.
         logger.debug("custom all-reduce off: %s", reason)
         return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def off(why: str) -> None:
         if rank == 0 or why != "another rank failed":
