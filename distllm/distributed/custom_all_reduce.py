@@ -263,7 +263,7 @@ def _self_test(car: CustomAllReduce) -> str | None:
 
 def _precompile(car: CustomAllReduce) -> None:
     """Compile the bf16 kernel before the self-test, so no rank spins while a peer compiles."""
-    from distllm.ops.triton_all_reduce import BLOCK, MAX_BLOCKS, NUM_WARPS, one_shot_all_reduce_kernel
+    from distllm.ops.triton_all_reduce import BLOCK, MAX_BLOCKS, NUM_STAGES, NUM_WARPS, one_shot_all_reduce_kernel
 
     warmup = getattr(one_shot_all_reduce_kernel, "warmup", None)
     if warmup is None:
@@ -273,7 +273,8 @@ def _precompile(car: CustomAllReduce) -> None:
         for n in _self_test_sizes(car):
             x = torch.empty(n, dtype=torch.bfloat16, device=car.device)
             warmup(x, x, car._bufs(x.dtype), car.flag_addrs, car.err, n, car.max_spin, RANK=car.rank,
-                   WORLD=car.world_size, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, grid=(1,))
+                   WORLD=car.world_size, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+                   num_stages=NUM_STAGES, grid=(1,))
     except Exception as e:  # noqa: BLE001 - only an optimisation: the first launch compiles
         logger.debug("custom all-reduce: precompile skipped: %s", e)
 
@@ -293,13 +294,15 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
         if rank == 0 or why != "another rank failed":
             logger.info("custom all-reduce off (NCCL all-reduce only): %s", why)
 
-    # 1. Settings and topology, agreed on by every rank.
+    # 1. Settings and topology, agreed on by every rank. The size limit too: a message taking
+    # the custom path on one rank and NCCL on another would hang both.
     host = zlib.crc32(os.uname().nodename.encode())
-    info = torch.tensor([host, device.index], dtype=torch.int64, device=device)
+    info = torch.tensor([host, device.index, max_bytes_for(world_size)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(info) for _ in range(world_size)]
     dist.all_gather(gathered, info, group=group)
     hosts = [int(t[0]) for t in gathered]
     devices = [int(t[1]) for t in gathered]
+    max_bytes = min(int(t[2]) for t in gathered)
     if reason is None:
         reason = topology_reason(hosts, devices, rank, torch.cuda.can_device_access_peer)
     if reason is None:
@@ -315,7 +318,7 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     try:
         nbytes = BUFFER_BYTES + 4 * flag_words(world_size)
         hdl, views, offset = _symmetric_buffer(nbytes, group, rank, world_size, device)
-        car = CustomAllReduce(rank=rank, world_size=world_size, device=device, max_bytes=max_bytes_for(world_size),
+        car = CustomAllReduce(rank=rank, world_size=world_size, device=device, max_bytes=max_bytes,
                               peers_u8=views, handle=hdl)
     except Exception as e:  # noqa: BLE001 - any failure here means NCCL only
         reason = f"symmetric memory: {type(e).__name__}: {e}"

@@ -49,6 +49,9 @@ MAX_WORLD = 8
 MAX_BLOCKS = 64
 BLOCK = 1024
 NUM_WARPS = 4
+# No software pipelining: it could turn the peer loads into asynchronous copies issued ahead,
+# and a streaming sum gains nothing from it.
+NUM_STAGES = 1
 
 
 def flag_words(world_size: int) -> int:
@@ -140,5 +143,5 @@ def launch_one_shot(x, out, bufs: tuple, flag_addrs, err, rank: int, max_spin: i
     world = len(bufs)
     one_shot_all_reduce_kernel[(grid_size(n),)](
         x, out, bufs, flag_addrs, err, n, max_spin,
-        RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+        RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
