@@ -117,20 +117,25 @@ def one_shot_all_reduce_kernel(
     pid = tl.program_id(0)
     step = tl.num_programs(0) * BLOCK_SIZE
     own = bufs[RANK]
-    for start in range(pid * BLOCK_SIZE, n, step):
+    # while, not range(): the Triton 3.6 interpreter can't take a grid-sized range step.
+    start = pid * BLOCK_SIZE
+    while start < n:
         offs = start + tl.arange(0, BLOCK_SIZE)
         m = offs < n
         tl.store(own + offs, tl.load(x_ptr + offs, mask=m), mask=m)
+        start += step
 
     _block_barrier(flag_addrs, pid * WORLD, max_spin, err_ptr, RANK, WORLD)
 
-    for start in range(pid * BLOCK_SIZE, n, step):
+    start = pid * BLOCK_SIZE
+    while start < n:
         offs = start + tl.arange(0, BLOCK_SIZE)
         m = offs < n
         acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
         for p in tl.static_range(WORLD):
             acc += tl.load(bufs[p] + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+        start += step
 
     _block_barrier(flag_addrs, (NUM_SLOTS + pid) * WORLD, max_spin, err_ptr, RANK, WORLD)
 
