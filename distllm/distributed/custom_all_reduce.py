@@ -311,11 +311,11 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
         off(reason or "another rank failed")
         return None
 
-    # 2. Symmetric memory.
-    from distllm.ops.triton_all_reduce import flag_words
-
+    # 2. Symmetric memory (and the kernel module: a Triton that fails to import means NCCL).
     car, offset = None, 0
     try:
+        from distllm.ops.triton_all_reduce import flag_words
+
         nbytes = BUFFER_BYTES + 4 * flag_words(world_size)
         hdl, views, offset = _symmetric_buffer(nbytes, group, rank, world_size, device)
         car = CustomAllReduce(rank=rank, world_size=world_size, device=device, max_bytes=max_bytes,
