@@ -103,6 +103,11 @@ def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: s
         row["nccl_eager_us"] = _time_eager(lambda t: dist.all_reduce(t), x, dev)
         row["nccl_graph_us"] = _time_graph(lambda t: dist.all_reduce(t), x, dev)
         if car is not None and nbytes <= BUFFER_BYTES:
+            # Sanity first: small integers sum exactly in any order, so custom == NCCL bit for bit.
+            v = torch.randint(-8, 9, x.shape, device=dev).to(x.dtype)
+            want = v.clone()
+            dist.all_reduce(want)
+            row["custom_matches_nccl"] = bool(torch.equal(car.all_reduce(v), want))
             row["custom_eager_us"] = _time_eager(car.all_reduce, x, dev)
             row["custom_graph_us"] = _time_graph(car.all_reduce, x, dev)
             row["custom_used_by_engine"] = car.should_use(x)
@@ -132,13 +137,14 @@ def _report(world: int, rows: list[dict], custom_on: bool, out_path: str | None)
         print("custom all-reduce did not come up (see its log line): NCCL columns only")
     print(f"all-reduce latency, bf16, median µs per call ({CALLS} calls x {ROUNDS} rounds)")
     cols = ["NCCL eager", "NCCL graph", "custom eager", "custom graph", "graph speedup"]
-    print(f"{'size':>8} | " + " | ".join(f"{c:>12}" for c in cols) + " | engine uses custom")
+    print(f"{'size':>8} | " + " | ".join(f"{c:>12}" for c in cols) + " | engine uses custom | custom == NCCL")
     for r in rows:
         size = f"{r['bytes'] >> 20} MB" if r["bytes"] >= 1 << 20 else f"{r['bytes'] >> 10} KB"
         cg = r.get("custom_graph_us")
         speed = f"{r['nccl_graph_us'] / cg:11.2f}x" if cg else f"{'-':>12}"
         vals = [_fmt(r["nccl_eager_us"]), _fmt(r["nccl_graph_us"]), _fmt(r.get("custom_eager_us")), _fmt(cg), speed]
-        print(f"{size:>8} | " + " | ".join(vals) + f" | {r.get('custom_used_by_engine', '-')}")
+        print(f"{size:>8} | " + " | ".join(vals) + f" | {str(r.get('custom_used_by_engine', '-')):>18} | "
+              f"{r.get('custom_matches_nccl', '-')}")
     if out_path:
         with open(out_path, "w") as f:
             json.dump({"card": card, "world_size": world, "nccl": nccl, "rows": rows}, f, indent=1)
