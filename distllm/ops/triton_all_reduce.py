@@ -44,10 +44,13 @@ import triton
 import triton.language as tl
 
 MAX_WORLD = 8
-# Program blocks per launch (also the flag slots per channel). 64 blocks of BLOCK elements
-# keep enough loads in flight over NVLink for the MB-sized messages this path takes.
-MAX_BLOCKS = 64
-BLOCK = 1024
+# Program blocks per launch (also the flag slots per channel) and elements per block and
+# step. Small messages are latency-bound (two flag round trips), whatever these are. MB-sized
+# ones need many loads in flight to fill NVLink (Little's law: ~400 GB/s x ~1.5 µs ~ 600 KB):
+# 128 blocks x 128 threads x 2 loads of 16 B = 512 KB per peer per step. First guesses, to
+# be tuned with benchmarks/bench_allreduce.py (not measured yet).
+MAX_BLOCKS = 128
+BLOCK = 2048
 NUM_WARPS = 4
 # No software pipelining: it could turn the peer loads into asynchronous copies issued ahead,
 # and a streaming sum gains nothing from it.
