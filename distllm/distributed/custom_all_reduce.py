@@ -249,8 +249,8 @@ def _self_test(car: CustomAllReduce) -> str | None:
         for n in sizes:
             i = torch.arange(n, device=dev).view(1, -1)
             table = ((i * (ranks + 1) + ranks + salt) % 17 - 8).to(torch.bfloat16)  # [W, n]
-            x = table[car.rank].contiguous()
-            results.append((car.all_reduce(x), table.float().sum(0).to(torch.bfloat16), n))
+            want = table.float().sum(0).to(torch.bfloat16)
+            results.append((car.all_reduce(table[car.rank].clone()), want, n))  # clone: in place
     torch.cuda.synchronize(dev)
     if car.errors():
         return f"self-test: {car.errors()} barrier waits timed out"
