@@ -134,6 +134,11 @@ def _nvlink_reason(devices: list[int]) -> str | None:
             pass
 
 
+def _eligible(device_type: str, world_size: int) -> bool:
+    """Whether init_custom_all_reduce runs its (collective) checks at all."""
+    return device_type == "cuda" and world_size in SUPPORTED_WORLD_SIZES
+
+
 def _agree(ok: bool, group, device: torch.device) -> bool:
     """True on every rank iff ok on every rank (one NCCL all-reduce, MIN)."""
     t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
@@ -283,11 +288,11 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     """Collective over `group` (every rank calls it): a working CustomAllReduce on every rank,
     or None on every rank, with the reason logged."""
     reason = unsupported_reason(device.type, world_size)
-    if device.type != "cuda" or world_size not in SUPPORTED_WORLD_SIZES:
+    if not _eligible(device.type, world_size):
         # Same answer on every rank (same device kind, same world): no collective needed.
         logger.debug("custom all-reduce off: %s", reason)
         return None
-    if device.index is None:
+    if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
 
     def off(why: str) -> None:
@@ -297,7 +302,8 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     # 1. Settings and topology, agreed on by every rank. The size limit too: a message taking
     # the custom path on one rank and NCCL on another would hang both.
     host = zlib.crc32(os.uname().nodename.encode())
-    info = torch.tensor([host, device.index, max_bytes_for(world_size)], dtype=torch.int64, device=device)
+    index = -1 if device.index is None else device.index
+    info = torch.tensor([host, index, max_bytes_for(world_size)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(info) for _ in range(world_size)]
     dist.all_gather(gathered, info, group=group)
     hosts = [int(t[0]) for t in gathered]

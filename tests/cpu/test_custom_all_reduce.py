@@ -249,3 +249,130 @@ def test_custom_all_reduce_layout():
     assert car.all_reduce(x) is x
     assert torch.equal(x, xs[0] + xs[1])
     assert car.errors() == 0 and int(mine.sum()) == 0
+
+
+# --- init_custom_all_reduce's flow, ranks simulated by threads ------------------------------
+# The collectives are a thread-level stand-in for NCCL and the kernel a synchronous torch
+# stand-in (the real kernel is tested above): what runs for real is the start-up logic (the
+# agreements, the agreed size limit, the buffer views, the self-test) that otherwise only runs
+# on GPU machines.
+
+class _ThreadWorld:
+    """all_gather / all_reduce(MIN) across W threads, the subset of torch.distributed used."""
+
+    class ReduceOp:
+        MIN = "min"
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list = [None] * world
+        self.rank_of: dict = {}
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        import threading
+
+        r = self.rank_of[threading.get_ident()]
+        self.barrier.wait()
+        self.slots[r] = t.clone()
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+    def all_gather(self, parts, t, group=None):
+        for dst, src in zip(parts, self._exchange(t)):
+            dst.copy_(src)
+
+    def all_reduce(self, t, op=None, group=None):
+        assert op == self.ReduceOp.MIN
+        t.copy_(torch.stack(self._exchange(t)).min(0).values)
+
+
+def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_rank=None):
+    import threading
+
+    tw = _ThreadWorld(world)
+    words = _tar.flag_words(world)
+    shared = [torch.zeros(BUFFER_BYTES + 4 * words, dtype=torch.uint8) for _ in range(world)]
+    launches = []
+
+    def fake_launch(x, out, bufs, flag_addrs, err, rank, max_spin):
+        # What one kernel launch does, synchronously: publish, barrier, sum in rank order, barrier.
+        assert [int(a) for a in flag_addrs] == [b.data_ptr() + BUFFER_BYTES for b in shared]
+        assert all(b.data_ptr() == s.data_ptr() for b, s in zip(bufs, shared))
+        n = x.numel()
+        bufs[rank][:n].copy_(x.flatten())
+        tw.barrier.wait()
+        acc = torch.zeros(n, dtype=torch.float32)
+        for b in bufs:
+            acc += b[:n].float()
+        if rank == fail_self_test_rank:
+            acc += 1
+        tw.barrier.wait()
+        out.copy_(acc.to(out.dtype).view_as(out))
+        launches.append((rank, n, max_spin))
+
+    monkeypatch.setattr(car_mod, "dist", tw)
+    monkeypatch.setattr(car_mod, "_eligible", lambda device_type, ws: True)
+    real_reason = car_mod.unsupported_reason
+    monkeypatch.setattr(car_mod, "unsupported_reason", lambda device_type, ws: real_reason("cuda", ws))
+    monkeypatch.setattr(car_mod, "topology_reason", lambda *a: None)
+    monkeypatch.setattr(car_mod, "_nvlink_reason", lambda devices: None)
+    monkeypatch.setattr(car_mod, "_symmetric_buffer", lambda nbytes, group, rank, ws, device: (object(), tuple(shared), 0))
+    monkeypatch.setattr(car_mod, "_precompile", lambda car: None)
+    monkeypatch.setattr(_tar, "launch_one_shot", fake_launch)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    env_per_rank = env_per_rank or [{}] * world
+    results: list = [None] * world
+    errors: list = []
+
+    def run(rank: int) -> None:
+        tw.rank_of[threading.get_ident()] = rank
+        try:
+            results[rank] = init_custom_all_reduce(None, rank, world, torch.device("cpu"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            tw.barrier.abort()
+
+    with monkeypatch.context() as m:
+        # os.environ is per process: hand each thread its own view through max_bytes_for.
+        real = car_mod.max_bytes_for
+        m.setattr(car_mod, "max_bytes_for", lambda ws, env=None: real(ws, {**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    return results, launches
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_init_flow_comes_up_on_every_rank(monkeypatch, world):
+    monkeypatch.delenv(ENV_MAX_BYTES, raising=False)
+    cars, launches = _simulate_init(monkeypatch, world)
+    assert all(c is not None for c in cars)
+    assert [c.rank for c in cars] == list(range(world))
+    assert all(c.max_bytes == DEFAULT_MAX_BYTES[world] for c in cars)
+    assert all(c.max_spin == car_mod.ENGINE_MAX_SPIN for c in cars)  # the short bound was for the test
+    sizes = sorted({n for _, n, _ in launches})
+    assert sizes == sorted({1, 4099, DEFAULT_MAX_BYTES[world] // 2})
+    assert all(spin == car_mod.SELF_TEST_MAX_SPIN for _, _, spin in launches)
+
+
+def test_init_flow_agrees_on_the_smallest_size_limit(monkeypatch):
+    cars, _ = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_MAX_BYTES: "65536"}, {ENV_MAX_BYTES: "8192"}])
+    assert [c.max_bytes for c in cars] == [8192, 8192]
+
+
+def test_init_flow_one_rank_disabled_turns_all_off(monkeypatch):
+    cars, launches = _simulate_init(monkeypatch, 2, env_per_rank=[{}, {ENV_MAX_BYTES: "0"}])
+    assert cars == [None, None] and launches == []
+
+
+def test_init_flow_failed_self_test_turns_all_off(monkeypatch):
+    cars, launches = _simulate_init(monkeypatch, 4, fail_self_test_rank=2)
+    assert cars == [None] * 4 and launches  # the test ran, rank 2 got wrong sums, nobody uses it
