@@ -46,13 +46,14 @@ ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Data bytes of the symmetric buffer (per rank): the largest message the path can take.
-# 4 MB holds a decode step's hidden states up to batch 256 x hidden 8192 in bf16... at W=2.
+# Data bytes of the symmetric buffer (per rank): the largest message the path can take
+# (a decode step of batch 256 x hidden 8192 in bf16), and room to benchmark beyond the limits.
 BUFFER_BYTES = 4 << 20
 # Largest message sent through the custom path, by world size. One-shot pulls (W-1) x bytes
-# over NVLink per GPU: at W=2 it stays ahead of NCCL well into MBs; at W=8 it pulls 7x, so
-# it stops earlier. To be tuned from benchmarks/bench_allreduce.py on the target cards.
-DEFAULT_MAX_BYTES = {2: BUFFER_BYTES, 4: 1 << 20, 8: 512 << 10}
+# over NVLink into every GPU, so the larger W, the sooner NCCL's ring (which moves ~2x bytes
+# whatever W) catches up. 2 MB at W=2 covers an 8B decode step up to batch 256 (hidden 4096).
+# First guesses, not measured: tune from benchmarks/bench_allreduce.py on the target cards.
+DEFAULT_MAX_BYTES = {2: 2 << 20, 4: 1 << 20, 8: 512 << 10}
 
 # Spin bounds (tries of one system-scope compare-and-swap, ~0.1-1 µs each). The engine's
 # is practically infinite: a peer may legitimately be seconds late (host work, compiles).
