@@ -43,7 +43,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-MAX_WORLD = 8
 # Program blocks per launch (also the flag slots per channel) and elements per block and
 # step. Small messages are latency-bound (two flag round trips), whatever these are. MB-sized
 # ones need many loads in flight to fill NVLink (Little's law: ~400 GB/s x ~1.5 µs ~ 600 KB):
@@ -113,7 +112,7 @@ def one_shot_all_reduce_kernel(
     n,
     max_spin,
     RANK: tl.constexpr,
-    WORLD: tl.constexpr,
+    WORLD: tl.constexpr,  # 2, 4 or 8: one tl.arange lane per rank needs a power of two
     NUM_SLOTS: tl.constexpr,  # MAX_BLOCKS
     BLOCK_SIZE: tl.constexpr,
 ):
