@@ -16,6 +16,8 @@ class _TPState:
     rank: int = 0
     size: int = 1
     group: object | None = None
+    # distllm.distributed.custom_all_reduce.CustomAllReduce when enabled (CUDA, NVLink peers).
+    custom_ar: object | None = None
 
 
 _TP = _TPState()
@@ -29,6 +31,17 @@ def get_tp_size() -> int:
     return _TP.size
 
 
+def get_tp_group():
+    return _TP.group
+
+
+def set_custom_all_reduce(car) -> None:
+    """Install (or with None remove) the custom all-reduce tp_all_reduce tries first."""
+    if _TP.custom_ar is not None and _TP.custom_ar is not car:
+        _TP.custom_ar.close()
+    _TP.custom_ar = car
+
+
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str) -> None:
     """Join the TP group (gloo on CPU, nccl on GPU). One group: the whole world is one TP group."""
     if world_size > 1:
@@ -39,6 +52,7 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: 
 
 
 def destroy_tensor_parallel() -> None:
+    set_custom_all_reduce(None)  # its peer mappings go before the process group does
     if _TP.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     _TP.rank, _TP.size, _TP.group = 0, 1, None
@@ -47,6 +61,9 @@ def destroy_tensor_parallel() -> None:
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     if _TP.size == 1:
         return x
+    car = _TP.custom_ar
+    if car is not None and car.should_use(x):
+        return car.all_reduce(x)  # in place, like dist.all_reduce
     dist.all_reduce(x, group=_TP.group)
     return x
 

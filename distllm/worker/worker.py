@@ -8,6 +8,7 @@ import torch
 
 from distllm.config import EngineConfig
 from distllm.core.plan import StepPlan, StepResult
+from distllm.distributed.custom_all_reduce import enable_for_tp as enable_custom_all_reduce
 from distllm.distributed.parallel_state import init_tensor_parallel
 from distllm.logger import init_logger
 from distllm.models.source import resolve_device
@@ -34,6 +35,8 @@ class Worker:
         tp = self.config.parallel_config.tensor_parallel_size
         backend = "nccl" if kind == "cuda" else "gloo"
         init_tensor_parallel(self.rank, tp, self.dist_init_method or "", backend)
+        if kind == "cuda" and tp > 1:
+            enable_custom_all_reduce(self.device)  # NCCL stays the fallback; logs why if off
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, self.device)
 

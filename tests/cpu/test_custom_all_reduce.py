@@ -1,0 +1,378 @@
+"""Custom all-reduce: the decisions (when it may be used, when NCCL stays), and the one-shot
+Triton kernel under the interpreter, with the peers simulated in one process.
+
+A simulated rank sees its peers' buffers as local tensors already holding their inputs, and
+its own mailboxes already holding the peers' signals (as if they had arrived first); after
+the launch its mailboxes must be consumed and each peer must hold exactly its signals.
+"""
+
+import os
+
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import importlib
+
+import pytest
+import torch
+
+import triton  # noqa: F401  (a missing or broken interpreter must fail these tests, not skip)
+from triton.runtime.interpreter import InterpretedFunction
+
+import distllm.ops.triton_all_reduce as _tar
+from distllm.distributed import custom_all_reduce as car_mod
+from distllm.distributed import parallel_state as ps
+from distllm.distributed.custom_all_reduce import (
+    BUFFER_BYTES,
+    DEFAULT_MAX_BYTES,
+    ENV_DISABLE,
+    ENV_MAX_BYTES,
+    CustomAllReduce,
+    init_custom_all_reduce,
+    max_bytes_for,
+    topology_reason,
+    unsupported_reason,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreted_kernels():
+    """Another module (tests/gpu/conftest.py) may have switched the kernels to compiled mode."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    if not isinstance(_tar.one_shot_all_reduce_kernel, InterpretedFunction):
+        importlib.reload(_tar)
+    yield
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+# --- decisions ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ws", [2, 4, 8])
+def test_supported_world_sizes(ws):
+    assert unsupported_reason("cuda", ws, env={}) is None
+
+
+@pytest.mark.parametrize("ws", [1, 3, 6, 16])
+def test_unsupported_world_sizes(ws):
+    assert "world size" in unsupported_reason("cuda", ws, env={})
+
+
+def test_cpu_is_unsupported():
+    assert "cpu" in unsupported_reason("cpu", 2, env={})
+
+
+@pytest.mark.parametrize("value,off", [("1", True), ("true", True), ("0", False), ("", False), ("off", False)])
+def test_env_switch(value, off):
+    reason = unsupported_reason("cuda", 2, env={ENV_DISABLE: value})
+    assert (reason is not None) == off
+    if off:
+        assert ENV_DISABLE in reason
+
+
+def test_max_bytes_defaults_and_override():
+    assert max_bytes_for(2, env={}) == DEFAULT_MAX_BYTES[2] <= BUFFER_BYTES
+    assert max_bytes_for(8, env={}) == DEFAULT_MAX_BYTES[8] < DEFAULT_MAX_BYTES[2]
+    assert max_bytes_for(4, env={ENV_MAX_BYTES: "65536"}) == 65536
+    assert max_bytes_for(2, env={ENV_MAX_BYTES: str(BUFFER_BYTES * 4)}) == BUFFER_BYTES  # clamped
+    assert "is 0" in unsupported_reason("cuda", 2, env={ENV_MAX_BYTES: "0"})
+
+
+def test_topology():
+    yes = lambda a, b: True  # noqa: E731
+    assert topology_reason([7, 7], [0, 1], 0, yes) is None
+    assert "hosts" in topology_reason([7, 8], [0, 1], 0, yes)
+    assert "share" in topology_reason([7, 7], [0, 0], 1, yes)
+    no_1_2 = lambda a, b: {a, b} != {1, 2}  # noqa: E731
+    assert topology_reason([7] * 4, [0, 1, 2, 3], 0, no_1_2) is None
+    assert "cuda:1 can't access peer cuda:2" in topology_reason([7] * 4, [0, 1, 2, 3], 1, no_1_2)
+
+
+@pytest.mark.parametrize("device,ws", [(torch.device("cpu"), 2), (torch.device("cuda", 0), 1), (torch.device("cuda", 0), 3)])
+def test_init_returns_none_without_collectives(device, ws):
+    # No process group exists here: any collective attempt would raise.
+    assert init_custom_all_reduce(None, 0, ws, device) is None
+
+
+def test_enable_for_tp_is_a_no_op_at_tp1():
+    assert ps.get_tp_size() == 1
+    assert car_mod.enable_for_tp(torch.device("cpu")) is False
+    assert ps._TP.custom_ar is None
+
+
+def _fake_car(world: int = 2, rank: int = 0, max_bytes: int = 64 << 10) -> CustomAllReduce:
+    words = _tar.flag_words(world)
+    peers = tuple(torch.zeros(BUFFER_BYTES + 4 * words, dtype=torch.uint8) for _ in range(world))
+    return CustomAllReduce(rank=rank, world_size=world, device=torch.device("cpu"), max_bytes=max_bytes,
+                           peers_u8=peers)
+
+
+def test_should_use():
+    car = _fake_car(max_bytes=64 << 10)
+    assert car.should_use(torch.zeros(4, 4096, dtype=torch.bfloat16))  # 32 KB
+    assert car.should_use(torch.zeros(32 << 10, dtype=torch.bfloat16))  # exactly the limit
+    assert car.should_use(torch.zeros(8, 16, dtype=torch.float32))
+    assert car.should_use(torch.zeros(8, 16, dtype=torch.float16))
+    assert not car.should_use(torch.zeros((32 << 10) + 1, dtype=torch.bfloat16))  # one element over
+    assert not car.should_use(torch.zeros(0, dtype=torch.bfloat16))
+    assert not car.should_use(torch.zeros(8, 16, dtype=torch.int32))
+    assert not car.should_use(torch.zeros(8, 16, dtype=torch.float64))
+    assert not car.should_use(torch.zeros(16, 8, dtype=torch.bfloat16).t())  # not contiguous
+    meta = torch.zeros(8, 16, dtype=torch.bfloat16, device="meta")
+    assert not car.should_use(meta)  # another device
+
+
+class _Recorder:
+    def __init__(self, use: bool):
+        self.use, self.calls = use, []
+
+    def should_use(self, x):
+        return self.use
+
+    def all_reduce(self, x):
+        self.calls.append(x)
+        return x
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("use", [True, False])
+def test_tp_all_reduce_dispatch(monkeypatch, use):
+    nccl = []
+    monkeypatch.setattr(ps.dist, "all_reduce", lambda x, group=None: nccl.append(x))
+    rec = _Recorder(use)
+    saved = (ps._TP.size, ps._TP.custom_ar)
+    ps._TP.size, ps._TP.custom_ar = 2, rec
+    try:
+        x = torch.ones(4)
+        assert ps.tp_all_reduce(x) is x
+    finally:
+        ps._TP.size, ps._TP.custom_ar = saved
+    assert (len(rec.calls), len(nccl)) == ((1, 0) if use else (0, 1))
+
+
+def test_destroy_closes_custom_all_reduce():
+    closed = []
+    rec = _Recorder(True)
+    rec.close = lambda: closed.append(True)
+    ps.set_custom_all_reduce(rec)
+    ps.destroy_tensor_parallel()
+    assert closed == [True] and ps._TP.custom_ar is None
+
+
+# --- the kernel, peers simulated -----------------------------------------------------------
+
+def _inputs(world: int, n: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # Small integers: every partial sum is exact in every dtype, so the check is exact.
+    return [torch.randint(-8, 9, (n,), generator=g).to(dtype) for _ in range(world)]
+
+
+def _simulate(world: int, rank: int, xs: list[torch.Tensor], max_spin: int = 100, preset: bool = True,
+              in_place: bool = False):
+    n = xs[0].numel()
+    grid = _tar.grid_size(n)
+    bufs = [x.clone() for x in xs]  # peers copied their inputs before signalling
+    bufs[rank].zero_()
+    flags = [torch.zeros(_tar.flag_words(world), dtype=torch.int32) for _ in range(world)]
+    if preset:
+        mine = flags[rank].view(2, _tar.MAX_BLOCKS, world)
+        mine[:, :grid, :] = 1  # every peer's start and end signal for every block in use
+        mine[:, :, rank] = 0
+    addrs = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
+    err = torch.zeros(1, dtype=torch.int32)
+    x = xs[rank].clone()
+    out = x if in_place else torch.full_like(x, 99)
+    _tar.launch_one_shot(x, out, tuple(bufs), addrs, err, rank, max_spin)
+    return out, bufs, flags, int(err.item()), grid
+
+
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2), (8, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 1000, 4099])
+def test_one_shot_sum_and_signals(world, rank, dtype, n):
+    xs = _inputs(world, n, dtype, seed=world * 100 + n)
+    out, bufs, flags, err, grid = _simulate(world, rank, xs)
+    want = torch.stack([x.float() for x in xs]).sum(0).to(dtype)
+    assert err == 0
+    assert torch.equal(out, want)
+    assert torch.equal(bufs[rank], xs[rank])  # own input published for the peers
+    assert int(flags[rank].sum()) == 0  # every peer signal consumed
+    for p in range(world):
+        if p != rank:  # exactly one start and one end signal per block in use, to every peer
+            sent = flags[p].view(2, _tar.MAX_BLOCKS, world)[:, :, rank]
+            assert sent[:, :grid].eq(1).all() and int(sent.sum()) == 2 * grid
+
+
+def test_one_shot_many_tiles_per_block_in_place():
+    world, rank, n = 2, 1, (_tar.MAX_BLOCKS + 3) * _tar.BLOCK + 37  # blocks 0-3 take a second tile
+    xs = _inputs(world, n, torch.bfloat16, seed=1)
+    out, _, flags, err, grid = _simulate(world, rank, xs, in_place=True)
+    assert grid == _tar.MAX_BLOCKS and err == 0
+    assert torch.equal(out, (xs[0].float() + xs[1].float()).to(torch.bfloat16))
+    assert int(flags[rank].sum()) == 0
+
+
+def test_one_shot_rank_order_sum():
+    """Every rank sums in rank order 0..W-1 in fp32, so all ranks hold identical bits."""
+    world, n = 4, 777
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, generator=g) * 10 ** (3 * i) for i in range(world)]  # rounding-sensitive
+    outs = [_simulate(world, r, xs)[0] for r in range(world)]
+    want = xs[0].clone()
+    for x in xs[1:]:
+        want = want + x
+    for o in outs:
+        assert torch.equal(o, want)
+
+
+def test_barrier_times_out_and_counts():
+    """No peer ever signals: every wait gives up after max_spin tries and is counted."""
+    world, rank, n = 4, 0, 3000
+    xs = _inputs(world, n, torch.float32, seed=2)
+    _, _, _, err, grid = _simulate(world, rank, xs, max_spin=3, preset=False)
+    assert err == 2 * grid * (world - 1)  # start and end barrier, every block, every peer
+
+
+def test_custom_all_reduce_layout():
+    """CustomAllReduce's views: data at the start of every rank's buffer, mailboxes after it."""
+    world, rank, n = 2, 1, 3000
+    car = _fake_car(world, rank)
+    xs = _inputs(world, n, torch.float16, seed=4)
+    car.peers_u8[0][: n * 2].view(torch.float16).copy_(xs[0])
+    mine = car.peers_u8[rank][BUFFER_BYTES:].view(torch.int32).view(2, _tar.MAX_BLOCKS, world)
+    mine[:, : _tar.grid_size(n), 0] = 1
+    x = xs[rank].clone()
+    assert car.all_reduce(x) is x
+    assert torch.equal(x, xs[0] + xs[1])
+    assert car.errors() == 0 and int(mine.sum()) == 0
+
+
+# --- init_custom_all_reduce's flow, ranks simulated by threads ------------------------------
+# The collectives are a thread-level stand-in for NCCL and the kernel a synchronous torch
+# stand-in (the real kernel is tested above): what runs for real is the start-up logic (the
+# agreements, the agreed size limit, the buffer views, the self-test) that otherwise only runs
+# on GPU machines.
+
+class _ThreadWorld:
+    """all_gather / all_reduce(MIN) across W threads, the subset of torch.distributed used."""
+
+    class ReduceOp:
+        MIN = "min"
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=60)
+        self.slots: list = [None] * world
+        self.rank_of: dict = {}
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        import threading
+
+        r = self.rank_of[threading.get_ident()]
+        self.barrier.wait()
+        self.slots[r] = t.clone()
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()
+        return out
+
+    def all_gather(self, parts, t, group=None):
+        for dst, src in zip(parts, self._exchange(t)):
+            dst.copy_(src)
+
+    def all_reduce(self, t, op=None, group=None):
+        assert op == self.ReduceOp.MIN
+        t.copy_(torch.stack(self._exchange(t)).min(0).values)
+
+
+def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_rank=None):
+    import threading
+
+    tw = _ThreadWorld(world)
+    words = _tar.flag_words(world)
+    shared = [torch.zeros(BUFFER_BYTES + 4 * words, dtype=torch.uint8) for _ in range(world)]
+    launches = []
+
+    def fake_launch(x, out, bufs, flag_addrs, err, rank, max_spin):
+        # What one kernel launch does, synchronously: publish, barrier, sum in rank order, barrier.
+        assert [int(a) for a in flag_addrs] == [b.data_ptr() + BUFFER_BYTES for b in shared]
+        assert all(b.data_ptr() == s.data_ptr() for b, s in zip(bufs, shared))
+        n = x.numel()
+        bufs[rank][:n].copy_(x.flatten())
+        tw.barrier.wait()
+        acc = torch.zeros(n, dtype=torch.float32)
+        for b in bufs:
+            acc += b[:n].float()
+        if rank == fail_self_test_rank:
+            acc += 1
+        tw.barrier.wait()
+        out.copy_(acc.to(out.dtype).view_as(out))
+        launches.append((rank, n, max_spin))
+
+    monkeypatch.setattr(car_mod, "dist", tw)
+    monkeypatch.setattr(car_mod, "_eligible", lambda device_type, ws: True)
+    real_reason = car_mod.unsupported_reason
+    monkeypatch.setattr(car_mod, "unsupported_reason", lambda device_type, ws: real_reason("cuda", ws))
+    monkeypatch.setattr(car_mod, "topology_reason", lambda *a: None)
+    monkeypatch.setattr(car_mod, "_nvlink_reason", lambda devices: None)
+    monkeypatch.setattr(car_mod, "_symmetric_buffer", lambda nbytes, group, rank, ws, device: (object(), tuple(shared), 0))
+    monkeypatch.setattr(car_mod, "_precompile", lambda car: None)
+    monkeypatch.setattr(_tar, "launch_one_shot", fake_launch)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    env_per_rank = env_per_rank or [{}] * world
+    results: list = [None] * world
+    errors: list = []
+
+    def run(rank: int) -> None:
+        tw.rank_of[threading.get_ident()] = rank
+        try:
+            results[rank] = init_custom_all_reduce(None, rank, world, torch.device("cpu"))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            tw.barrier.abort()
+
+    with monkeypatch.context() as m:
+        # os.environ is per process: hand each thread its own view through max_bytes_for.
+        real = car_mod.max_bytes_for
+        m.setattr(car_mod, "max_bytes_for", lambda ws, env=None: real(ws, {**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors, errors
+    return results, launches
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_init_flow_comes_up_on_every_rank(monkeypatch, world):
+    monkeypatch.delenv(ENV_MAX_BYTES, raising=False)
+    cars, launches = _simulate_init(monkeypatch, world)
+    assert all(c is not None for c in cars)
+    assert [c.rank for c in cars] == list(range(world))
+    assert all(c.max_bytes == DEFAULT_MAX_BYTES[world] for c in cars)
+    assert all(c.max_spin == car_mod.ENGINE_MAX_SPIN for c in cars)  # the short bound was for the test
+    sizes = sorted({n for _, n, _ in launches})
+    assert sizes == sorted({1, 4099, DEFAULT_MAX_BYTES[world] // 2})
+    assert all(spin == car_mod.SELF_TEST_MAX_SPIN for _, _, spin in launches)
+
+
+def test_init_flow_agrees_on_the_smallest_size_limit(monkeypatch):
+    cars, _ = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_MAX_BYTES: "65536"}, {ENV_MAX_BYTES: "8192"}])
+    assert [c.max_bytes for c in cars] == [8192, 8192]
+
+
+def test_init_flow_one_rank_disabled_turns_all_off(monkeypatch):
+    cars, launches = _simulate_init(monkeypatch, 2, env_per_rank=[{}, {ENV_MAX_BYTES: "0"}])
+    assert cars == [None, None] and launches == []
+
+
+def test_init_flow_failed_self_test_turns_all_off(monkeypatch):
+    cars, launches = _simulate_init(monkeypatch, 4, fail_self_test_rank=2)
+    assert cars == [None] * 4 and launches  # the test ran, rank 2 got wrong sums, nobody uses it
