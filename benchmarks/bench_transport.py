@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from distllm.core.plan import (  # noqa: E402
     CachedRequestData,
-    RequestResult,
     StepPlan,
     StepResult,
     decode_plan,
@@ -56,8 +55,10 @@ def make_plan(step_id: int, req_ids: list[str]) -> StepPlan:
 
 
 def make_result(step_id: int, req_ids) -> StepResult:
-    results = [RequestResult(rid, [(step_id * 31 + i) % 49152]) for i, rid in enumerate(req_ids)]
-    return StepResult(step_id=step_id, results=results)
+    # As the model runner builds it: sampled ids in columns, no per-request objects.
+    ids = list(req_ids)
+    return StepResult(step_id=step_id, sampled_req_ids=ids,
+                      sampled_token_ids=[(step_id * 31 + i) % 49152 for i in range(len(ids))])
 
 
 def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes) -> None:
@@ -108,7 +109,7 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
             t2 = time.perf_counter()
             if codec:
                 res = decode_result(got[1])
-                assert res.step_id == s and len(res.results) == batch
+                assert res.step_id == s and len(res.sampled_token_ids) == batch
             t3 = time.perf_counter()
             if s > warmup:
                 times.append((t3 - t0) * 1e6)
