@@ -9,6 +9,8 @@ The last lines estimate the per-step saving of an 8B decode step (32 layers; per
 rms_norm-or-fused-add, one fused add, one rotary, one silu-and-mul).
 
     python benchmarks/bench_fused_ops.py [--tokens 1 4096] [--qk-norm]
+
+--qk-norm adds Qwen3's per-head q norm alone and q/k norms + rotary fused into one launch.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def make_ops(t: int, qk_norm: bool) -> dict[str, tuple]:
     }
     if qk_norm:
         ops["q_head_norm"] = (lambda: fused_ref.rms_norm_ref(q, hw, 1e-6), lambda: triton_norm.rms_norm(q, hw, 1e-6))
+        # Qwen3: q_norm + k_norm + rotary (3 ops, ~30 torch kernels) vs one fused launch.
+        ops["qk_norm_rotary"] = (
+            lambda: fused_ref.rotary_ref(pos, fused_ref.rms_norm_ref(q, hw, 1e-6), fused_ref.rms_norm_ref(k, hw, 1e-6), cache),
+            lambda: triton_rotary.rotary_embedding(pos, q, k, cache, q_weight=hw, k_weight=hw, eps=1e-6),
+        )
     return ops
 
 
@@ -73,7 +80,7 @@ def time_us(fn, graph: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4096])
-    ap.add_argument("--qk-norm", action="store_true", help="also time Qwen3's per-head q norm")
+    ap.add_argument("--qk-norm", action="store_true", help="also time Qwen3's per-head norms (alone and fused with rotary)")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     per_layer = {"rms_norm": 0, "add_rms_norm": 2, "rotary_qk": 1, "silu_and_mul": 1}  # decode layer's calls

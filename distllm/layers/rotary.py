@@ -1,20 +1,24 @@
 """Rotary position embedding (neox / HF "rotate_half" layout), with Llama-3 and linear scaling.
 
 On CUDA, q and k are rotated by one Triton kernel (distllm/ops/triton_rotary.py) that reads
-cos/sin straight from the cache; on CPU, or with DISTLLM_DISABLE_FUSED_OPS=1, the torch
-reference (distllm/ops/fused_ref.py) runs.
+cos/sin straight from the cache, and Qwen3's per-head q/k RMSNorm runs inside that same kernel
+(`forward_qk_norm`); on CPU, or with DISTLLM_DISABLE_FUSED_OPS=1, the torch reference
+(distllm/ops/fused_ref.py) runs.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from distllm.ops import dispatch
 from distllm.ops.fused_ref import apply_rotary_ref, rotary_cos_sin
+
+if TYPE_CHECKING:
+    from distllm.layers.norm import RMSNorm
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -71,3 +75,21 @@ class RotaryEmbedding(nn.Module):
             cos, sin = rotary_cos_sin(self.cos_sin_cache, positions, q.dtype)  # [T, 1, D] each
             self._last = (positions, cos, sin)
         return apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
+
+    def forward_qk_norm(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: "RMSNorm", k_norm: "RMSNorm"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rotary(q_norm(q), k_norm(k)) (Qwen3), the norms fused into the rotary kernel on CUDA."""
+        fusable = (
+            dispatch.use_fused_ops(q)
+            and q_norm.eps == k_norm.eps
+            and q_norm.weight.dtype == q.dtype
+            and k_norm.weight.dtype == k.dtype
+        )
+        if fusable:
+            from distllm.ops import triton_rotary
+
+            return triton_rotary.rotary_embedding(
+                positions, q, k, self.cos_sin_cache, q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps
+            )
+        return self(positions, q_norm(q), k_norm(k))

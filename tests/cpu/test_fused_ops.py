@@ -220,6 +220,44 @@ def test_rotary_many_heads_split_over_programs():
     _assert_close(ko, kr, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,hq,hk,d", [(5, 4, 2, 64), (3, 6, 2, 80), (2, 3, 1, 96)])
+def test_qk_norm_rotary(t, hq, hk, d, dtype):
+    """Qwen3: per-head RMSNorm of q and k (own weights) fused into the rotary kernel, on strided
+    qkv views; against rms_norm_ref then rotary_ref, and against the two Triton kernels chained."""
+    g = _gen(t * 31 + d)
+    qkv = _rand((t, (hq + 2 * hk) * d), dtype, g, 3.0)
+    q = qkv[:, : hq * d].reshape(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].reshape(t, hk, d)
+    qw, kw = _rand((d,), dtype, g) + 1, _rand((d,), dtype, g) + 1
+    positions = torch.randperm(64, generator=g)[:t]
+    cache = _cache(d)
+    qo, ko = _trot.rotary_embedding(positions, q, k, cache, q_weight=qw, k_weight=kw, eps=1e-6)
+    qr, kr = rotary_ref(positions, rms_norm_ref(q, qw, 1e-6), rms_norm_ref(k, kw, 1e-6), cache)
+    _assert_close(qo, qr, dtype, rounds_like_torch=False)
+    _assert_close(ko, kr, dtype, rounds_like_torch=False)
+    # Same roundings as the unfused kernels: only the order of the sum of squares differs.
+    qc, kc = _trot.rotary_embedding(positions, _tnorm.rms_norm(q, qw, 1e-6), _tnorm.rms_norm(k, kw, 1e-6), cache)
+    if dtype == torch.float32:
+        torch.testing.assert_close(qo, qc, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ko, kc, rtol=1e-5, atol=1e-6)
+    else:
+        assert (qo == qc).float().mean() >= 0.95 and (ko == kc).float().mean() >= 0.95
+
+
+def test_qk_norm_rotary_uses_each_weight():
+    """q and k heads must take their own weights (a swap would pass with equal weights)."""
+    g = _gen(77)
+    t, hq, hk, d = 3, 2, 2, 32
+    q, k = _rand((t, hq, d), torch.float32, g), _rand((t, hk, d), torch.float32, g)
+    qw, kw = torch.full((d,), 2.0), torch.full((d,), 0.5)
+    positions = torch.tensor([0, 5, 9])
+    qo, ko = _trot.rotary_embedding(positions, q, k, _cache(d), q_weight=qw, k_weight=kw, eps=1e-6)
+    qr, kr = rotary_ref(positions, rms_norm_ref(q, qw, 1e-6), rms_norm_ref(k, kw, 1e-6), _cache(d))
+    _assert_close(qo, qr, torch.float32)
+    _assert_close(ko, kr, torch.float32)
+
+
 # ----------------------------------------------------------------------------- SiLU-and-mul
 
 
@@ -256,6 +294,13 @@ def _old_rotary(cache, head_dim, positions, q, k):
     return apply(q), apply(k)
 
 
+def _head_norms(dtype):
+    qn, kn = RMSNorm(64, 1e-6, dtype), RMSNorm(64, 1e-6, dtype)
+    qn.weight.data.copy_(torch.linspace(0.5, 1.5, 64).to(dtype))
+    kn.weight.data.copy_(torch.linspace(1.5, 0.5, 64).to(dtype))
+    return qn, kn
+
+
 def _layers(dtype, seed=0):
     g = _gen(seed)
     norm = RMSNorm(96, 1e-6, dtype)
@@ -284,6 +329,10 @@ def test_layers_on_cpu_are_unchanged(monkeypatch, dtype):
     assert torch.equal(qo, qr) and torch.equal(ko, kr)
     d = gu.shape[-1] // 2
     assert torch.equal(SiluAndMul()(gu), F.silu(gu[:, :d]) * gu[:, d:])
+    qn, kn = _head_norms(dtype)
+    qo, ko = rope.forward_qk_norm(pos, q, k, qn, kn)
+    qr, kr = _old_rotary(rope.cos_sin_cache, 64, pos, _old_rms_norm(q, qn.weight, 1e-6), _old_rms_norm(k, kn.weight, 1e-6))
+    assert torch.equal(qo, qr) and torch.equal(ko, kr)
 
 
 def _spy(monkeypatch, mod, name, calls):
@@ -313,8 +362,13 @@ def test_layers_switch(monkeypatch, disable):
     out2, new_res = norm(x, res)
     qo, ko = rope(pos, q, k)
     act = SiluAndMul()(gu)
-    expected = [] if disable else ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul"]
+    qn, kn = _head_norms(torch.float32)
+    qno, kno = rope.forward_qk_norm(pos, q, k, qn, kn)
+    expected = [] if disable else ["rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "rotary_embedding"]
     assert calls == expected
+    qnr, knr = _old_rotary(rope.cos_sin_cache, 64, pos, _old_rms_norm(q, qn.weight, 1e-6), _old_rms_norm(k, kn.weight, 1e-6))
+    _assert_close(qno, qnr, torch.float32)
+    _assert_close(kno, knr, torch.float32)
     _assert_close(out, _old_rms_norm(x, norm.weight, 1e-6), torch.float32)
     ref_out, ref_res = _old_rms_norm(x, norm.weight, 1e-6, res)
     _assert_close(out2, ref_out, torch.float32)
@@ -323,3 +377,17 @@ def test_layers_switch(monkeypatch, disable):
     _assert_close(qo, qr, torch.float32)
     _assert_close(ko, kr, torch.float32)
     _assert_close(act, silu_and_mul_ref(gu), torch.float32)
+
+
+def test_qk_norm_rotary_mixed_dtype_falls_back(monkeypatch):
+    """fp32 norm weights on bf16 q/k promote to fp32 in torch: not fusable, so the layer runs the
+    norms then the rotary (kernels here), and the result follows torch's promotion."""
+    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
+    monkeypatch.delenv("DISTLLM_DISABLE_FUSED_OPS", raising=False)
+    _, rope, _, _, q, k, pos, _ = _layers(torch.bfloat16, seed=3)
+    qn, kn = _head_norms(torch.float32)
+    qo, ko = rope.forward_qk_norm(pos, q, k, qn, kn)
+    assert qo.dtype == torch.float32 and ko.dtype == torch.float32
+    qr, kr = _old_rotary(rope.cos_sin_cache, 64, pos, _old_rms_norm(q, qn.weight, 1e-6), _old_rms_norm(k, kn.weight, 1e-6))
+    _assert_close(qo, qr, torch.bfloat16, rounds_like_torch=False)
+    _assert_close(ko, kr, torch.bfloat16, rounds_like_torch=False)

@@ -95,6 +95,26 @@ def test_rotary_bf16(t, d):
 
 
 @pytest.mark.parametrize("t", [1, 7, 512])
+@pytest.mark.parametrize("d", [64, 128])
+def test_qk_norm_rotary_bf16(t, d):
+    """Qwen3's q/k norms fused into the rotary kernel vs the torch chain and the unfused kernels."""
+    torch.manual_seed(t + 3 * d)
+    hq, hk = 32, 8
+    cache = RotaryEmbedding(d, 40960, 1000000.0).to(DEV).cos_sin_cache
+    positions = torch.randint(0, 40960, (t,), device=DEV)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEV, dtype=torch.bfloat16) * 2
+    q = qkv[:, : hq * d].reshape(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].reshape(t, hk, d)
+    qw = torch.randn(d, device=DEV, dtype=torch.bfloat16) * 0.2 + 1
+    kw = torch.randn(d, device=DEV, dtype=torch.bfloat16) * 0.2 + 1
+    qo, ko = trot.rotary_embedding(positions, q, k, cache, q_weight=qw, k_weight=kw, eps=1e-6)
+    qr, kr = rotary_ref(positions, rms_norm_ref(q, qw, 1e-6), rms_norm_ref(k, kw, 1e-6), cache)
+    assert _rel_err(qo, qr) <= 1e-2 and _rel_err(ko, kr) <= 1e-2
+    qc, kc = trot.rotary_embedding(positions, tnorm.rms_norm(q, qw, 1e-6), tnorm.rms_norm(k, kw, 1e-6), cache)
+    assert _bit_fraction(qo, qc) >= 0.95 and _bit_fraction(ko, kc) >= 0.95
+
+
+@pytest.mark.parametrize("t", [1, 7, 512])
 @pytest.mark.parametrize("d", [14336, 3072, 1537])
 def test_silu_and_mul_bf16(t, d):
     torch.manual_seed(t + d)
@@ -152,14 +172,17 @@ def test_cuda_graph_capture_and_replay():
         k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
         q = tnorm.rms_norm(q, qn_w, 1e-6)
         qo, ko = trot.rotary_embedding(pos, q, k, cache)
-        return a, b, r, qo, ko, tact.silu_and_mul(gu)
+        qn, kn = trot.rotary_embedding(pos, qkv[:, : hq * d].view(t, hq, d), k, cache, q_weight=qn_w, k_weight=qn_w)
+        return a, b, r, qo, ko, tact.silu_and_mul(gu), qn, kn
 
     def reference():
         a = rms_norm_ref(x, norm_w, 1e-5)
         b, r = fused_add_rms_norm_ref(x, res, norm_w, 1e-5)
         q = rms_norm_ref(qkv[:, : hq * d].view(t, hq, d), qn_w, 1e-6)
-        qo, ko = rotary_ref(pos, q, qkv[:, hq * d : (hq + hk) * d].view(t, hk, d), cache)
-        return a, b, r, qo, ko, silu_and_mul_ref(gu)
+        k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+        qo, ko = rotary_ref(pos, q, k, cache)
+        qn, kn = rotary_ref(pos, q, rms_norm_ref(k, qn_w, 1e-6), cache)
+        return a, b, r, qo, ko, silu_and_mul_ref(gu), qn, kn
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
