@@ -27,7 +27,9 @@ def fused_add_rms_norm_ref(
     return rms_norm_ref(s, weight, eps), s
 
 
-def rotary_cos_sin(cos_sin_cache: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    cos_sin_cache: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, 1, D] in `dtype` from the [max_pos, 2D] cache (cos|cos|sin|sin per row)."""
     head_dim = cos_sin_cache.shape[-1] // 2
     cs = cos_sin_cache.index_select(0, positions)  # [T, 2D]

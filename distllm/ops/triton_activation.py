@@ -40,5 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out2 = out.view(-1, d)  # [rows, d]
     block = min(BLOCK_D, triton.next_power_of_2(d))
     grid = (x2.shape[0], triton.cdiv(d, block))
-    _silu_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4 if block >= 1024 else 1)
+    num_warps = 4 if block >= 1024 else 1
+    _silu_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=num_warps)
     return out
