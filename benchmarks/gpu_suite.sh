@@ -10,6 +10,8 @@ timeout "${1:-200}" python -m pytest tests/gpu -q -x -p no:cacheprovider --durat
 echo "gpu tests rc=$?" | tee -a "$OUT/gpu_tests.log"; tail -25 "$OUT/gpu_tests.log"
 timeout 150 python benchmarks/bench_tp_decode.py --tp "${TP_LIST:-1}" --tokens 128 > "$OUT/decode.log" 2>&1
 echo "decode rc=$?"; grep -v INFO "$OUT/decode.log" | tail -8
+timeout 90 python benchmarks/bench_fused_ops.py > "$OUT/fused_ops.log" 2>&1
+echo "fused ops rc=$?"; tail -16 "$OUT/fused_ops.log"
 folder=$(python -c "import sys; sys.path.insert(0,'benchmarks'); import bench_tp_decode as b; print(b.make_model_dir('llama3-8b')[0])")
 timeout 180 python benchmarks/throughput.py --model "$folder" --dummy --dtype bfloat16 --max-model-len 2048 \
   --num-prompts 1 --input-len 128 --output-len 128 > "$OUT/throughput_b1.log" 2>&1

@@ -1,12 +1,24 @@
-"""Rotary position embedding (neox / HF "rotate_half" layout), with Llama-3 and linear scaling."""
+"""Rotary position embedding (neox / HF "rotate_half" layout), with Llama-3 and linear scaling.
+
+On CUDA, q and k are rotated by one Triton kernel (distllm/ops/triton_rotary.py) that reads
+cos/sin straight from the cache, and Qwen3's per-head q/k RMSNorm runs inside that same kernel
+(`forward_qk_norm`); on CPU, or with DISTLLM_DISABLE_FUSED_OPS=1, the torch reference
+(distllm/ops/fused_ref.py) runs.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from distllm.ops import dispatch
+from distllm.ops.fused_ref import apply_rotary_ref, rotary_cos_sin
+
+if TYPE_CHECKING:
+    from distllm.layers.norm import RMSNorm
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -51,19 +63,33 @@ class RotaryEmbedding(nn.Module):
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, H, D], k [T, Hkv, D], positions [T]."""
+        """q [T, H, D], k [T, Hkv, D], positions [T] -> rotated (new tensors; q and k are untouched)."""
+        if dispatch.use_fused_ops(q):
+            from distllm.ops import triton_rotary
+
+            return triton_rotary.rotary_embedding(positions, q, k, self.cos_sin_cache)
         last = self._last
         if last is not None and last[0] is positions and not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
             cos, sin = last[1], last[2]
         else:
-            cs = self.cos_sin_cache.index_select(0, positions)  # [T, 2D]
-            cos = cs[:, None, : self.head_dim].to(q.dtype)  # [T, 1, D]
-            sin = cs[:, None, self.head_dim :].to(q.dtype)
+            cos, sin = rotary_cos_sin(self.cos_sin_cache, positions, q.dtype)  # [T, 1, D] each
             self._last = (positions, cos, sin)
-        return _apply(q, cos, sin), _apply(k, cos, sin)
+        return apply_rotary_ref(q, cos, sin), apply_rotary_ref(k, cos, sin)
 
+    def forward_qk_norm(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: "RMSNorm", k_norm: "RMSNorm"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rotary(q_norm(q), k_norm(k)) (Qwen3), the norms fused into the rotary kernel on CUDA."""
+        fusable = (
+            dispatch.use_fused_ops(q)
+            and q_norm.eps == k_norm.eps
+            and q_norm.weight.dtype == q.dtype
+            and k_norm.weight.dtype == k.dtype
+        )
+        if fusable:
+            from distllm.ops import triton_rotary
 
-def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+            return triton_rotary.rotary_embedding(
+                positions, q, k, self.cos_sin_cache, q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps
+            )
+        return self(positions, q_norm(q), k_norm(k))

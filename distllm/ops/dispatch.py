@@ -2,7 +2,9 @@
 
 `DISTLLM_FORCE_TRITON=1` forces the Triton path on CPU tensors too (for tests under
 TRITON_INTERPRET=1); `DISTLLM_FORCE_TORCH=1` forces the reference everywhere (debugging).
-The environment is read at call time.
+`DISTLLM_DISABLE_FUSED_OPS=1` sends only the fused elementwise ops (RMSNorm, rotary,
+SiLU-and-mul) to their torch references, to compare or debug them alone.
+The environment is read at call time (a CUDA graph keeps what was chosen at capture).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 
 import torch
 
+from distllm.ops.fused_ref import fused_add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
 from distllm.ops.paged_attention import paged_attention_ref, store_kv_ref
 
 
@@ -22,6 +25,51 @@ def use_triton(t: torch.Tensor) -> bool:
     if _env_on("DISTLLM_FORCE_TORCH"):
         return False
     return t.is_cuda or _env_on("DISTLLM_FORCE_TRITON")
+
+
+def use_fused_ops(t: torch.Tensor) -> bool:
+    """Triton RMSNorm / rotary / SiLU-and-mul for t? (the torch references otherwise)."""
+    return not _env_on("DISTLLM_DISABLE_FUSED_OPS") and use_triton(t)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if use_fused_ops(x):
+        from distllm.ops import triton_norm
+
+        return triton_norm.rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual)."""
+    # The kernel rounds the sum to x's dtype; mixed dtypes / broadcasting keep torch's promotion rules.
+    if use_fused_ops(x) and residual.dtype == x.dtype and residual.shape == x.shape:
+        from distllm.ops import triton_norm
+
+        return triton_norm.fused_add_rms_norm(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq, D], k [T, Hk, D] -> rotated copies (neox layout)."""
+    if use_fused_ops(q):
+        from distllm.ops import triton_rotary
+
+        return triton_rotary.rotary_embedding(positions, q, k, cos_sin_cache)
+    return rotary_ref(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2d] = [gate | up] -> silu(gate) * up [..., d]."""
+    if use_fused_ops(x):
+        from distllm.ops import triton_activation
+
+        return triton_activation.silu_and_mul(x)
+    return silu_and_mul_ref(x)
 
 
 def store_kv(
