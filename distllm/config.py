@@ -73,6 +73,8 @@ class EngineArgs:
     scheduling_policy: str = "fcfs"
     # Build step N's outputs (detokenize, stop strings) while the device runs step N + 1.
     disable_async_output_proc: bool = False
+    # Schedule and launch step N + 1 while step N runs (decodes read step N's tokens on the device).
+    async_scheduling: bool = True
     cpu_offload_gb: float | str = 0.0  # GiB per GPU, or "auto"
     enforce_eager: bool = False
     load_format: str = "auto"
@@ -162,6 +164,8 @@ class EngineArgs:
         g.add_argument("--scheduling-policy", type=str, default="fcfs", choices=list(_POLICIES))
         g.add_argument("--disable-async-output-proc", action="store_true",
                        help="build each step's outputs before the next step starts (one step less latency, less overlap)")
+        g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                       help="schedule and launch each step before the previous one's tokens are back")
         g.add_argument("--cpu-offload-gb", type=_offload_arg, default=0.0,
                        help="GiB of layer weights per GPU kept in pinned host memory, or 'auto'")
         g.add_argument("--enforce-eager", action="store_true")
@@ -193,6 +197,7 @@ class EngineArgs:
             max_model_len=max_len,
             policy=self.scheduling_policy,
             async_output_processing=not self.disable_async_output_proc,
+            async_scheduling=self.async_scheduling,
         )
         cache = CacheConfig(
             block_size=self.block_size,
@@ -275,6 +280,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     policy: str = "fcfs"
     async_output_processing: bool = True
+    async_scheduling: bool = True
 
 
 @dataclass

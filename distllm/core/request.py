@@ -64,9 +64,14 @@ class Request:
     # Owned by the scheduler / block manager.
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
-    # How many of all_token_ids / block_ids the workers already hold (for plan diffs).
+    # How many of all_token_ids / block_ids the workers already hold (for plan diffs). Workers
+    # append the tokens they sample themselves, so those count as sent once they arrive.
     num_tokens_sent: int = 0
     num_blocks_sent: int = 0
+    # Tokens being sampled by steps in flight: scheduled ahead, their ids not known here yet.
+    num_output_placeholders: int = 0
+    # Step id of the schedule() that last preempted this request (results of older plans are stale).
+    last_preempted_step: int = -1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,6 +103,20 @@ class Request:
     @property
     def is_pooling(self) -> bool:
         return self.pooling_params is not None
+
+    @property
+    def overlap_safe(self) -> bool:
+        """Can be scheduled while its last token is still being sampled: nothing in its sampling
+        depends on the values of earlier output tokens (penalties and bad words do)."""
+        sp = self.sampling_params
+        if sp is None:
+            return False
+        return not (
+            sp.bad_words
+            or sp.repetition_penalty != 1.0
+            or sp.frequency_penalty != 0.0
+            or sp.presence_penalty != 0.0
+        )
 
     def is_finished(self) -> bool:
         return RequestStatus.is_finished(self.status)

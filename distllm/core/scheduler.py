@@ -194,6 +194,9 @@ class Scheduler:
         req.num_preemptions += 1
         req.num_tokens_sent = 0
         req.num_blocks_sent = 0
+        # A token in flight for it is dropped when it arrives; the request samples it again.
+        req.num_output_placeholders = 0
+        req.last_preempted_step = self._step_id
         self._worker_known.discard(req.request_id)
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -216,7 +219,9 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = self._cap(min(req.num_tokens - req.num_computed_tokens, budget))
+            if req.num_output_placeholders and not self._may_run_ahead(req):
+                continue
+            n = self._cap(min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget))
             if n <= 0:
                 continue
             while bm.allocate_slots(req, n) is None:
@@ -288,10 +293,27 @@ class Scheduler:
             req.num_tokens_sent = req.num_tokens
             req.num_blocks_sent = len(req.block_ids)
             req.num_computed_tokens += n
+            if not req.is_pooling and req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+                req.num_output_placeholders += 1  # this step samples a token
         plan.num_scheduled_tokens = scheduled
         plan.finished_req_ids = self._finished_for_worker
         self._finished_for_worker = []
         return plan
+
+    def _may_run_ahead(self, req: Request) -> bool:
+        """Schedule a request whose last token is still being sampled? Only if the token it waits
+        for cannot end it by length, and its sampling does not read earlier token values."""
+        if not req.overlap_safe:
+            return False
+        num_out = req.num_output_tokens + req.num_output_placeholders
+        max_tokens = req.max_tokens
+        if max_tokens is not None and num_out >= max_tokens:
+            return False
+        return req.num_tokens + req.num_output_placeholders < self.max_model_len
+
+    def can_overlap(self) -> bool:
+        """Whether the next plan may be scheduled before the results of the one in flight."""
+        return all(r.overlap_safe for r in self.running)
 
     # ---- results ---------------------------------------------------------------------------
 
@@ -303,19 +325,23 @@ class Scheduler:
         bm = self.block_manager
         caching = bm.enable_prefix_caching
         running = RequestStatus.RUNNING
+        step_id = plan.step_id
         for rid in plan.num_scheduled_tokens:
             req = self.requests.get(rid)
-            if req is None or req.status != running:
-                continue  # aborted or preempted meanwhile
+            if req is None or req.status != running or req.last_preempted_step >= step_id:
+                continue  # aborted, finished or preempted since this plan was made
             res = by_id.get(rid)
             tok = sampled.get(rid)
             if res is None and not req.is_pooling:
                 # The common case, kept lean: at most one sampled token and nothing else.
                 if caching:
-                    bm.cache_full_blocks(req, req.num_computed_tokens)
+                    bm.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
                 if tok is None:
                     continue  # a prefill chunk that samples nothing yet
                 req.output_token_ids.append(tok)
+                req.num_tokens_sent += 1  # the workers appended it themselves
+                if req.num_output_placeholders:
+                    req.num_output_placeholders -= 1
                 if self._check_stop(req, tok):
                     finished.append(req)
                 outputs.append(
@@ -346,11 +372,14 @@ class Scheduler:
                 toks = ([tok] if tok is not None else []) + (res.sampled_token_ids if res is not None else [])
                 for t in toks:
                     req.output_token_ids.append(t)
+                    req.num_tokens_sent += 1
+                    if req.num_output_placeholders:
+                        req.num_output_placeholders -= 1
                     new_tokens.append(t)
                     if self._check_stop(req, t):
                         break
             if caching:
-                bm.cache_full_blocks(req, req.num_computed_tokens)
+                bm.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
             if req.is_finished():
                 finished.append(req)
             if new_tokens or pooled is not None or req.is_finished() or (

@@ -52,6 +52,9 @@ class LLMEngine:
         # Core outputs of the last step, turned into RequestOutputs during the next step.
         self._pending: list = []
         self.async_output_processing = config.scheduler_config.async_output_processing
+        # The plan launched by the last step and not collected yet (async scheduling).
+        self._inflight = None
+        self.async_scheduling = config.scheduler_config.async_scheduling
         # Start-up leaves millions of long-lived objects (weights' metadata, tokenizer tables);
         # freezing them keeps the collector from rescanning them during every step.
         gc.collect()
@@ -149,15 +152,41 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput | PoolingRequestOutput]:
-        """Run one step. With async output processing (the default) the outputs of step N are
-        built while the device runs step N + 1, so a step returns the previous step's outputs."""
+        """Run one step. Outputs trail the device: with async output processing the outputs of
+        step N are built while the device runs step N + 1, and with async scheduling step N + 1
+        is also scheduled and launched before step N's tokens are back (its decodes take their
+        input tokens from step N's samples on the device)."""
         self._raise_if_dead()
+        prev = self._inflight
+        if prev is not None and not self.scheduler.can_overlap():
+            self._inflight = None
+            self._collect(prev)  # e.g. penalties read the previous token's value: wait for it
+            prev = None
         plan = self.scheduler.schedule()
-        if plan.is_empty() and not plan.finished_req_ids and not plan.preempted_req_ids:
-            return self._process(self._take_pending())
+        launched = not (plan.is_empty() and not plan.finished_req_ids and not plan.preempted_req_ids)
         try:
-            self.executor.submit(plan)
-            outputs = self._process(self._take_pending())  # overlaps the device's work on `plan`
+            if launched:
+                self.executor.submit(plan)
+            outputs = self._process(self._take_pending())  # overlaps the device's work
+            if prev is not None:
+                self._inflight = None
+                self._collect(prev)
+            if launched:
+                if self.async_scheduling:
+                    self._inflight = plan
+                else:
+                    self._collect(plan)
+        except EngineDeadError as e:
+            if self.dead_error is None:
+                self._die(str(e))
+            raise
+        if not self.async_output_processing:
+            outputs += self._process(self._take_pending())
+        return outputs
+
+    def _collect(self, plan) -> None:
+        """Wait for a launched plan's result and update the scheduler; its outputs are pending."""
+        try:
             result = self.executor.collect(plan)
         except EngineDeadError as e:
             self._die(str(e))
@@ -165,11 +194,7 @@ class LLMEngine:
         if result.errors:
             self._die("; ".join(result.errors))
             raise EngineDeadError(self.dead_error)
-        core_outputs = self.scheduler.update_from_output(plan, result)
-        if self.async_output_processing:
-            self._pending = core_outputs
-            return outputs
-        return outputs + self._process(core_outputs)
+        self._pending += self.scheduler.update_from_output(plan, result)
 
     def _take_pending(self) -> list:
         pending, self._pending = self._pending, []
@@ -196,6 +221,7 @@ class LLMEngine:
         self.dead_error = why
         logger.error("Engine dead: %s; failing %d requests", why, self.get_num_unfinished_requests())
         self._pending = []
+        self._inflight = None
         self.scheduler.abort_requests(list(self.scheduler.requests))
         self.output_processor.abort_requests(list(self._parents))
         self._parents.clear()

@@ -41,7 +41,7 @@ class TransportExecutor(Executor):
         self.dead_reason: str | None = None
         self._closed = False
         self.worker_pids: dict[int, int] = {}
-        self._submitted_at = 0.0
+        self._submitted_at: dict[int, float] = {}
 
     # ---- what subclasses provide -------------------------------------------------------------
 
@@ -114,14 +114,14 @@ class TransportExecutor(Executor):
     def submit(self, plan: StepPlan) -> None:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
-        self._submitted_at = time.monotonic()
+        self._submitted_at[plan.step_id] = time.monotonic()
         self.channel.send_plan(plan.step_id, encode_plan(plan))
 
     def collect(self, plan: StepPlan) -> StepResult:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         timeout = float(self.config.worker_timeout_s)
-        deadline = self._submitted_at + timeout
+        deadline = self._submitted_at.pop(plan.step_id, time.monotonic()) + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -9,17 +9,17 @@ from distllm.worker.worker import Worker
 
 class UniExecutor(Executor):
     def start(self) -> int:
+        self._pending = {}  # step id -> launched step, in launch order
         self.worker = Worker(self.config)
         n = self.worker.start()
         self.worker.init_kv_cache(n)
         return n
 
     def submit(self, plan: StepPlan) -> None:
-        self._pending = self.worker.launch(plan)
+        self._pending[plan.step_id] = self.worker.launch(plan)
 
     def collect(self, plan: StepPlan) -> StepResult:
-        pending, self._pending = self._pending, None
-        return self.worker.finish(pending)
+        return self.worker.finish(self._pending.pop(plan.step_id))
 
     def shutdown(self) -> None:
         from distllm.distributed.parallel_state import destroy_tensor_parallel

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -36,6 +37,8 @@ KV_READY_STEP = -2
 _HANDSHAKE_TIMEOUT_S = 120.0
 _GO_TIMEOUT_S = 1800.0  # the other ranks may still be starting (Ray actors, slow imports)
 _POLL_S = 1.0
+# Socket wait between checks of the running step: short against a step, long against a syscall.
+_SPIN_S = 0.0002
 
 
 def _set_cpu_threads(engine_config: dict[str, Any], tp: int) -> None:
@@ -96,11 +99,24 @@ def run_worker(
         num_blocks = worker.start()
         channel.send_result(STARTED_STEP, msgpack.packb({"rank": rank, "num_blocks": int(num_blocks), "pid": os.getpid()}))
 
+        # Launched steps not finished yet. With async scheduling the driver sends plan N + 1
+        # while step N runs: it is launched at once (its decode inputs come from step N's
+        # samples on the device), then step N is finished and answered.
+        inflight: deque = deque()
         while True:
             if should_stop is not None and should_stop():
                 return
+            if inflight and (inflight[0][1].ready() or len(inflight) >= 2):
+                sid, pending, t0 = inflight.popleft()
+                result = worker.finish(pending)
+                if rank == 0:
+                    channel.send_result(sid, encode_result(result))
+                if len(step_times) < 100_000:
+                    step_times.append(time.perf_counter() - t0)
+                continue
             try:
-                got = channel.recv_plan(_POLL_S)
+                # While a step runs, look for the next plan without sleeping past its end.
+                got = channel.recv_plan(_SPIN_S if inflight else _POLL_S)
             except ShutdownRequested:
                 return
             if got is None:
@@ -114,12 +130,7 @@ def run_worker(
             if step_id < 0:
                 continue
             t0 = time.perf_counter()
-            plan = decode_plan(payload)
-            result = worker.execute(plan)
-            if rank == 0:
-                channel.send_result(step_id, encode_result(result))
-            if len(step_times) < 100_000:
-                step_times.append(time.perf_counter() - t0)
+            inflight.append((step_id, worker.launch(decode_plan(payload)), t0))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, then the rank exits
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             try:

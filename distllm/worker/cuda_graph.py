@@ -50,23 +50,15 @@ class DecodeGraphs:
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # Pinned host staging for the same buffers: rows past the batch hold padding values
-        # (token 0, position 0, slot -1: nothing stored; context of one token).
-        pin = device.type == "cuda"
-        self.h_packed = torch.zeros(3 * n, dtype=torch.int64, pin_memory=pin)
-        self.h_packed[2 * n :] = -1
-        self.h_seq_lens = torch.ones(n, dtype=torch.int32, pin_memory=pin)
-        self.h_block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, pin_memory=pin)
-        self._hp = self.h_packed.numpy()
-        self._hs = self.h_seq_lens.numpy()
-        self._hb = self.h_block_tables.numpy()
-        self._last_b = 0
+        # Pinned host staging for the same buffers. Two sets, used in turn: a step may be
+        # prepared while the previous one's copies still wait in the stream.
+        self._staging = [_Staging(n, max_blocks, pin=device.type == "cuda") for _ in range(2)]
+        self._turn = 0
         # One static logits buffer for every bucket: per-bucket outputs left in the shared pool
         # would add up to sum(buckets) rows of the vocabulary (> 1 GB for 150k-token vocabularies).
         self.logits = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        self._copied: torch.cuda.Event | None = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -107,37 +99,58 @@ class DecodeGraphs:
     def can_run(self, num_reqs: int, num_tokens: int) -> bool:
         return num_tokens == num_reqs and num_reqs <= self.max_bs
 
-    def run(self, inputs) -> torch.Tensor:
+    def run(self, inputs, fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode batch (a StepInputs);
-        returns the float32 logits of its rows."""
+        returns the float32 logits of its rows. ``fill`` = (rows, ids): input ids to overwrite on
+        the device (tokens sampled by a step still in flight)."""
         b = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= b)
         n = self.max_bs
-        hp, hs = self._hp, self._hs
-        # The staging buffers must not be rewritten while the last step's copy may still read them.
-        if self._copied is not None:
-            self._copied.synchronize()
+        st = self._staging[self._turn]
+        self._turn ^= 1
+        # This set must not be rewritten while the copies of two steps ago may still read it.
+        if st.copied is not None:
+            st.copied.synchronize()
+        hp, hs = st.hp, st.hs
         hp[:b] = inputs.input_ids
         hp[n : n + b] = inputs.positions
         hp[2 * n : 2 * n + b] = inputs.slot_mapping
         hs[:b] = inputs.seq_lens
-        if self._last_b > b:  # rows the previous batch used are padding again
-            hp[b : self._last_b] = 0
-            hp[n + b : n + self._last_b] = 0
-            hp[2 * n + b : 2 * n + self._last_b] = -1
-            hs[b : self._last_b] = 1
-        self._last_b = b
+        if st.last_b > b:  # rows this set's last batch used are padding again
+            hp[b : st.last_b] = 0
+            hp[n + b : n + st.last_b] = 0
+            hp[2 * n + b : 2 * n + st.last_b] = -1
+            hs[b : st.last_b] = 1
+        st.last_b = b
         m = inputs.block_tables.shape[1]
-        self._hb[:b, :m] = inputs.block_tables
-        self.packed.copy_(self.h_packed, non_blocking=True)
-        self.seq_lens[:bs].copy_(self.h_seq_lens[:bs], non_blocking=True)
+        st.hb[:b, :m] = inputs.block_tables
+        self.packed.copy_(st.packed, non_blocking=True)
+        self.seq_lens[:bs].copy_(st.seq_lens[:bs], non_blocking=True)
         # Columns past m are stale but never read (seq_lens bound them). Whole rows are one
         # contiguous copy; with long max_model_len only the used columns are worth moving.
-        if bs * self._hb.shape[1] * 4 <= _FULL_ROWS_COPY_BYTES:
-            self.block_tables[:bs].copy_(self.h_block_tables[:bs], non_blocking=True)
+        if bs * st.hb.shape[1] * 4 <= _FULL_ROWS_COPY_BYTES:
+            self.block_tables[:bs].copy_(st.block_tables[:bs], non_blocking=True)
         else:
-            self.block_tables[:bs, :m].copy_(self.h_block_tables[:bs, :m].contiguous(), non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+            self.block_tables[:bs, :m].copy_(st.block_tables[:bs, :m].contiguous(), non_blocking=True)
+        st.copied = torch.cuda.Event()
+        st.copied.record()
+        if fill is not None:
+            self.input_ids.index_copy_(0, *fill)
         self.graphs[bs].replay()
         return self.logits[:b]
+
+
+class _Staging:
+    """Pinned host copies of the static inputs; rows past the batch hold padding values
+    (token 0, position 0, slot -1: nothing stored; context of one token)."""
+
+    def __init__(self, n: int, max_blocks: int, pin: bool):
+        self.packed = torch.zeros(3 * n, dtype=torch.int64, pin_memory=pin)
+        self.packed[2 * n :] = -1
+        self.seq_lens = torch.ones(n, dtype=torch.int32, pin_memory=pin)
+        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.hp = self.packed.numpy()
+        self.hs = self.seq_lens.numpy()
+        self.hb = self.block_tables.numpy()
+        self.last_b = 0
+        self.copied: torch.cuda.Event | None = None

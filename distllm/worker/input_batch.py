@@ -18,6 +18,10 @@ from distllm.core.plan import StepPlan
 from distllm.layers.attention import AttentionMetadata
 
 
+# A token the worker sampled in a step still in flight; its input comes from the device.
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclass
 class CachedRequestState:
     req_id: str
@@ -85,6 +89,9 @@ class StepInputs:
     prompt_lp: list[tuple[str, list[int], list[int]]] = field(default_factory=list)
     # Pooling requests whose prompt is complete this step: (req_id, first row, last row + 1).
     pool_spans: list[tuple[str, int, int]] = field(default_factory=list)
+    # Input rows holding PLACEHOLDER_TOKEN, and their requests.
+    placeholder_rows: list[int] = field(default_factory=list)
+    placeholder_req_ids: list[str] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -159,6 +166,12 @@ def build_step_inputs(
         # positions: start[i] .. start[i] + counts[i] - 1 for each request, concatenated
         row_of_token = np.repeat(np.arange(B), counts)
         positions = np.arange(total, dtype=np.int64) - np.repeat(qsl[:-1].astype(np.int64) - start, counts)
+    placeholder_rows: list[int] = []
+    placeholder_req_ids: list[str] = []
+    if (input_ids < 0).any():
+        placeholder_rows = np.nonzero(input_ids < 0)[0].tolist()
+        owner = np.searchsorted(qsl[1:], placeholder_rows, side="right")
+        placeholder_req_ids = [req_ids[i] for i in owner.tolist()]
     width = max(1, int(tables.num_blocks[rows].max())) if B else 1
     block_tables = tables.table[rows, :width]
     # slot of position p = block_ids[p // block_size] * block_size + p % block_size
@@ -178,4 +191,6 @@ def build_step_inputs(
         sample_req_ids=sample_req_ids,
         prompt_lp=prompt_lp,
         pool_spans=pool_spans,
+        placeholder_rows=placeholder_rows,
+        placeholder_req_ids=placeholder_req_ids,
     )

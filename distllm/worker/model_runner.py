@@ -14,7 +14,7 @@ from distllm.layers.attention import forward_context
 from distllm.layers.sampler import Sampler, SamplingState, compute_token_logprobs
 from distllm.logger import init_logger
 from distllm.models.loader import load_model, torch_dtype
-from distllm.worker.input_batch import BlockTableHost, CachedRequestState, build_step_inputs
+from distllm.worker.input_batch import PLACEHOLDER_TOKEN, BlockTableHost, CachedRequestState, build_step_inputs
 from distllm.worker.kv_cache import KVCacheSpec, allocate_kv_cache, cpu_num_blocks
 
 logger = init_logger(__name__)
@@ -28,8 +28,13 @@ class _PendingStep:
     per_req: dict[str, RequestResult] = field(default_factory=dict)
     sample_req_ids: list[str] = field(default_factory=list)
     sample_states: list = field(default_factory=list)
+    sample_cached: list = field(default_factory=list)  # CachedRequestState per sampled row
+    placeholder_at: list[int] = field(default_factory=list)  # index of its placeholder token
     host: list | None = None  # [sampled ids, logprob ids, logprobs, ranks] on the host (or None)
     event: "torch.cuda.Event | None" = None
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
 
 
 def _to_host(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -62,6 +67,10 @@ class ModelRunner:
             -(-config.scheduler_config.max_model_len // self.block_size), rows=config.scheduler_config.max_num_seqs + 8
         )
         self.offload = None  # worker/offload.CpuOffloader when cpu_offload_gb is set
+        # The last launched step's sampled ids (device) and their rows, per request.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_sampled_rows: dict[str, int] = {}
+        self.num_placeholder_fills = 0  # steps whose inputs came from a step still in flight
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -185,11 +194,14 @@ class ModelRunner:
             and not inputs.pool_spans
             and self.graphs.can_run(len(inputs.req_ids), inputs.num_tokens)
         )
+        fill = self._placeholder_fill(inputs)
         hidden = graph_logits = None
         if use_graph:
-            graph_logits = self.graphs.run(inputs)  # a decode step: every row is sampled, in order
+            graph_logits = self.graphs.run(inputs, fill)  # a decode step: every row is sampled, in order
         else:
             input_ids, positions, meta = inputs.to_device(self.device)
+            if fill is not None:
+                input_ids.index_copy_(0, *fill)
             with forward_context(meta, self.kv_caches):
                 hidden = self.model(input_ids, positions, **kwargs)
         per_req = pending.per_req
@@ -204,17 +216,26 @@ class ModelRunner:
                     rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)
                     sampled_hidden = hidden.index_select(0, rows)
                 logits = self.model.compute_logits(sampled_hidden).float()
-            states = [self.states[r].sampling for r in inputs.sample_req_ids]
+            cached = [self.states[r] for r in inputs.sample_req_ids]
+            states = [c.sampling for c in cached]
             out = self.sampler(logits, states)
-            if self.is_driver_rank:
-                pending.sample_req_ids = inputs.sample_req_ids
-                pending.sample_states = states
-                pending.host = _to_host(
-                    [out.sampled_token_ids, out.logprob_token_ids, out.logprobs, out.sampled_ranks]
-                )
-                if self.device.type == "cuda":
-                    pending.event = torch.cuda.Event()
-                    pending.event.record()
+            pending.sample_req_ids = inputs.sample_req_ids
+            pending.sample_states = states
+            # The worker keeps the tokens it samples: a placeholder now, the id once the step is
+            # done. The next step may already read it: its input then comes from the device.
+            pending.sample_cached = cached
+            pending.placeholder_at = [len(c.token_ids) for c in cached]
+            for c in cached:
+                c.token_ids.append(PLACEHOLDER_TOKEN)
+                if c.sampling is not None:
+                    c.sampling.output_token_ids.append(PLACEHOLDER_TOKEN)
+            self._last_sampled = out.sampled_token_ids
+            self._last_sampled_rows = {rid: i for i, rid in enumerate(inputs.sample_req_ids)}
+            extras = [out.logprob_token_ids, out.logprobs, out.sampled_ranks] if self.is_driver_rank else [None] * 3
+            pending.host = _to_host([out.sampled_token_ids, *extras])
+            if self.device.type == "cuda":
+                pending.event = torch.cuda.Event()
+                pending.event.record()
 
         for rid, rows, targets in inputs.prompt_lp:
             k = self.states[rid].prompt_logprobs
@@ -229,6 +250,21 @@ class ModelRunner:
             self._pool(hidden, inputs, per_req)
         return pending
 
+    def _placeholder_fill(self, inputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, ids) that overwrite placeholder input tokens with the previous step's samples,
+        still on the device (the step was launched before that one finished)."""
+        if not inputs.placeholder_rows:
+            return None
+        self.num_placeholder_fills += 1
+        rows_of = self._last_sampled_rows
+        try:
+            src = [rows_of[rid] for rid in inputs.placeholder_req_ids]
+        except KeyError as e:
+            raise RuntimeError(f"request {e} waits for a token that the previous step did not sample") from None
+        dst_t = torch.tensor(inputs.placeholder_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        return dst_t, self._last_sampled.index_select(0, src_t)
+
     def finish(self, pending: "_PendingStep") -> StepResult:
         """Wait for the step's sampled ids and build its StepResult (rank 0's is the one sent)."""
         per_req = pending.per_req
@@ -237,6 +273,10 @@ class ModelRunner:
                 pending.event.synchronize()
             ids_t, lp_ids_t, lps_t, ranks_t = pending.host
             ids = ids_t.tolist()
+            for c, at, tok in zip(pending.sample_cached, pending.placeholder_at, ids):
+                c.token_ids[at] = tok
+                if c.sampling is not None:
+                    c.sampling.output_token_ids[at - c.num_prompt_tokens] = tok
             lp_ids = lp_ids_t.tolist() if lp_ids_t is not None else None
             lps = lps_t.tolist() if lps_t is not None else None
             ranks = ranks_t.tolist() if ranks_t is not None else None

@@ -60,7 +60,9 @@ class FakeWorker:
             elif st["pooling"]:
                 results.append(RequestResult(rid, pooled=[0.5, -0.5], pooled_shape=[2]))
             elif st["computed"] == len(st["tokens"]):
-                results.append(RequestResult(rid, [self.token_fn(st["tokens"])]))
+                tok = self.token_fn(st["tokens"])
+                st["tokens"].append(tok)  # workers keep the tokens they sample
+                results.append(RequestResult(rid, [tok]))
             else:
                 results.append(RequestResult(rid, []))
         self.plans.append(plan)
@@ -152,7 +154,7 @@ def test_max_num_seqs_and_continuous_batching():
     assert [o.req_id for o in outs] == ["a", "b"] and len(a_tok) == 1
     plan, outs = w.step()  # a finishes (max_tokens=2)
     assert plan.num_scheduled_tokens == {"a": 1, "b": 1}
-    assert plan.cached_requests[0].new_token_ids == a_tok
+    assert plan.cached_requests[0].new_token_ids == []  # the worker keeps the token it sampled (a_tok)
     assert outs[0].finish_reason == "length"
     plan, _ = w.step()  # c joins while b decodes
     assert plan.num_scheduled_tokens == {"b": 1, "c": 2}
