@@ -199,7 +199,7 @@ def measure_copy_bandwidth(device: str, nbytes: int | None = None, reps: int = 1
     return 2 * nbytes / (ms / 1e3)
 
 
-def measure_matmul_rate(device: str, n: int | None = None, reps: int = 10) -> float:
+def measure_matmul_rate(device: str, n: int | None = None, reps: int = 20) -> float:
     """Matmul rate in FLOP/s: 2 * n^3 / time, median; bf16 8192^3 on a GPU, fp32 512^3 on CPU."""
     import torch
 
@@ -210,7 +210,7 @@ def measure_matmul_rate(device: str, n: int | None = None, reps: int = 10) -> fl
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     fn = lambda: torch.matmul(a, b, out=out)  # noqa: E731
-    for _ in range(3):  # warm-up: cuBLAS heuristics, clocks
+    for _ in range(10):  # warm-up: cuBLAS heuristics, clocks ramping up
         fn()
     ms = _median_cuda_ms(fn, reps, torch) if cuda else _median_cpu_ms(fn, reps)
     del a, b, out
