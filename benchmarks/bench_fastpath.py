@@ -485,11 +485,15 @@ class Suite:
         """Run one part; a failure is recorded and the suite goes on with the next part."""
         t = time.perf_counter()
         log(f"\n== {scenario}: {what}")
+        failed = False
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - one scenario's failure must not lose the others
             traceback.print_exc()
             self.report.put(scenario, **{f"error ({what})": f"{type(e).__name__}: {e}"})
+            failed = True
+        if failed:  # outside the handler, once the traceback's frames (and their tensors) are gone
+            release_memory()
         dt = time.perf_counter() - t
         self.report.add_time(scenario, dt)
         log(f"   ({what}: {dt:.1f} s)")
@@ -867,7 +871,12 @@ def run(opts: Opts, scenarios: list[str]) -> list[Row]:
         f"(measured in this run); total {time.perf_counter() - t_all:.0f} s")
     log("time: " + ", ".join(f"{r.scenario} {r.elapsed_s:.0f} s" for r in rows)
         + f", shared 8B builds {report.data.get(SHARED, {}).get('elapsed_s', 0.0):.0f} s")
+    shared_errors = {k: v for k, v in report.data.get(SHARED, {}).items() if k.startswith("error")}
+    for k, v in shared_errors.items():
+        log(f"{SHARED} {k}: {v}")
     log("\n" + markdown_table(rows))
+    if shared_errors:  # a failed shared build leaves its scenarios unmeasured: make the exit status say so
+        rows.append(Row(SHARED, "-", "-", "-", "-", result="errors: " + "; ".join(shared_errors)))
     return rows
 
 
