@@ -1,9 +1,12 @@
 """Issue 5's benchmark table in one run: every scenario on dummy weights, its roofline fraction from
 the ceilings measured on the same machine, and HF transformers `generate` from the same run.
 
-    python benchmarks/bench_fastpath.py --scenario all --json $OUT/fastpath.json     # ~8 min on an H100
+    timeout -s TERM 570 python benchmarks/bench_fastpath.py --scenario all --json $OUT/fastpath.json
     python benchmarks/bench_fastpath.py --scenario decode8b,smollm2 --no-hf
     python benchmarks/bench_fastpath.py --scenario all --scale 0.25                  # a quick look
+
+`all` takes ~8-10 min on an H100 (the caching-off side of `prefix` alone has a 55 s roofline: 2.2M
+prompt tokens); SIGTERM (`timeout`) stops it and still prints the summary of what was measured.
 
 Scenarios (`--scale` shrinks the prompt counts, never the lengths):
   coldstart  8B shape: fresh process start to the first generated token (<= 20 s); engine phases logged
