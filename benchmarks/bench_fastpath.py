@@ -447,8 +447,15 @@ llm.shutdown()
 """
 
 
+def triton_cache_entries() -> int:
+    """Kernels already in Triton's on-disk cache: with none, a cold start also compiles them."""
+    path = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    return len(os.listdir(path)) if os.path.isdir(path) else 0
+
+
 def cold_start(folder: str, opts: Opts, max_model_len: int, vocab: int, timeout: float = 240.0) -> dict[str, Any]:
     """Fresh process: wall time from spawning it (before `import distllm`) to its first token."""
+    cache_before = triton_cache_entries()
     env = dict(os.environ, DISTLLM_LOGGING_LEVEL="INFO", PYTHONPATH=os.pathsep.join(
         [REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     arg = json.dumps({"folder": folder, "dtype": opts.dtype, "device": opts.device, "max_model_len": max_model_len,
@@ -465,7 +472,7 @@ def cold_start(folder: str, opts: Opts, max_model_len: int, vocab: int, timeout:
             "phases_s": {"interpreter start": m["python_up"] - t_spawn, "import distllm": m["imported"] - m["python_up"],
                          "LLM(...) engine build": m["engine_ready"] - m["imported"],
                          "first token (generate)": m["first_token"] - m["engine_ready"]},
-            "engine_log": info, "max_model_len": max_model_len}
+            "engine_log": info, "max_model_len": max_model_len, "triton_cache_entries_before": cache_before}
 
 
 class Suite:
@@ -676,7 +683,9 @@ class Suite:
         def go() -> None:
             res = cold_start(folder, self.opts, min(2048, cfg["max_position_embeddings"]), self.vocab(cfg))
             self.report.put("coldstart", distllm=res)
-            log(f"  process start -> first token: {res['seconds']:.2f} s")
+            log(f"  process start -> first token: {res['seconds']:.2f} s (max_model_len {res['max_model_len']}; "
+                f"{res['triton_cache_entries_before']} entries in Triton's kernel cache before: 0 means the time "
+                "includes compiling them)")
             for k, v in res["phases_s"].items():
                 log(f"    {k:<24} {v:7.2f} s")
             log("  engine log:")
@@ -875,8 +884,9 @@ def run(opts: Opts, scenarios: list[str]) -> list[Row]:
     log(f"\ncard: {card}; copy bandwidth {ceil.bandwidth / 1e12:.2f} TB/s, matmul {ceil.matmul_rate / 1e12:.0f} TFLOP/s "
         f"(measured in this run); total {time.perf_counter() - t_all:.0f} s"
         + (f"; --scale {opts.scale}: prompt counts shrunk, not issue 5's workloads" if opts.scale != 1.0 else ""))
+    shared_s = report.data.get(SHARED, {}).get("elapsed_s")
     log("time: " + ", ".join(f"{r.scenario} {r.elapsed_s:.0f} s" for r in rows)
-        + f", shared 8B builds {report.data.get(SHARED, {}).get('elapsed_s', 0.0):.0f} s")
+        + (f", shared 8B builds {shared_s:.0f} s" if shared_s is not None else ""))
     shared_errors = {k: v for k, v in report.data.get(SHARED, {}).items() if k.startswith("error")}
     for k, v in shared_errors.items():
         log(f"{SHARED} {k}: {v}")
