@@ -240,6 +240,8 @@ class LLMEngine:
         if ex is not None:
             ex.shutdown()
             self.executor = None
+            # Frozen objects are never collected: let a shut-down engine's cycles go.
+            gc.unfreeze()
 
     def __del__(self) -> None:
         try:
