@@ -37,6 +37,53 @@ class _PendingStep:
         return self.event is None or self.event.query()
 
 
+class PinnedRing:
+    """A few pinned int64 buffers used in turn, for copies of at most ``size`` values per step.
+
+    Four slots: a slot is reused three launches later, when at most two steps are in flight, so
+    its previous copy has long finished (the caller has waited on that step).
+    """
+
+    SLOTS = 4
+
+    def __init__(self, size: int, pin: bool):
+        self.bufs = [torch.empty(size, dtype=torch.int64, pin_memory=pin) for _ in range(self.SLOTS)]
+        self.turn = 0
+
+    def _next(self, n: int) -> torch.Tensor:
+        buf = self.bufs[self.turn]
+        self.turn = (self.turn + 1) % self.SLOTS
+        if n > buf.numel():
+            raise ValueError(f"{n} values do not fit a pinned buffer of {buf.numel()}")
+        return buf[:n]
+
+    def copy_from(self, t: torch.Tensor) -> torch.Tensor:
+        """Start a device-to-host copy of a 1-D int64 tensor; valid once the step's event is done."""
+        if t.device.type == "cpu":
+            return t
+        h = self._next(t.numel())
+        h.copy_(t, non_blocking=True)
+        return h
+
+    def to_device(self, rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+        """Host lists of ints -> device tensors, in one host-to-device copy."""
+        if device.type == "cpu":
+            return [torch.tensor(r, dtype=torch.int64) for r in rows]
+        total = sum(len(r) for r in rows)
+        h = self._next(total)
+        hv = h.numpy()
+        at = 0
+        for r in rows:
+            hv[at : at + len(r)] = r
+            at += len(r)
+        d = h.to(device, non_blocking=True)
+        out, at = [], 0
+        for r in rows:
+            out.append(d[at : at + len(r)])
+            at += len(r)
+        return out
+
+
 def _to_host(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Start device-to-host copies into pinned memory without waiting for them."""
     out: list[torch.Tensor | None] = []
@@ -71,6 +118,11 @@ class ModelRunner:
         self._last_sampled: torch.Tensor | None = None
         self._last_sampled_rows: dict[str, int] = {}
         self.num_placeholder_fills = 0  # steps whose inputs came from a step still in flight
+        # Pinned rings for the per-step small copies: allocating pinned memory while a step is
+        # in flight can wait for the device, which would undo the overlap.
+        pin = self.device.type == "cuda"
+        self._host_ids = PinnedRing(config.scheduler_config.max_num_seqs, pin)
+        self._host_fill = PinnedRing(2 * config.scheduler_config.max_num_seqs, pin)
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -232,7 +284,7 @@ class ModelRunner:
             self._last_sampled = out.sampled_token_ids
             self._last_sampled_rows = {rid: i for i, rid in enumerate(inputs.sample_req_ids)}
             extras = [out.logprob_token_ids, out.logprobs, out.sampled_ranks] if self.is_driver_rank else [None] * 3
-            pending.host = _to_host([out.sampled_token_ids, *extras])
+            pending.host = [self._host_ids.copy_from(out.sampled_token_ids), *_to_host(extras)]
             if self.device.type == "cuda":
                 pending.event = torch.cuda.Event()
                 pending.event.record()
@@ -261,8 +313,7 @@ class ModelRunner:
             src = [rows_of[rid] for rid in inputs.placeholder_req_ids]
         except KeyError as e:
             raise RuntimeError(f"request {e} waits for a token that the previous step did not sample") from None
-        dst_t = torch.tensor(inputs.placeholder_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        dst_t, src_t = self._host_fill.to_device([inputs.placeholder_rows, src], self.device)
         return dst_t, self._last_sampled.index_select(0, src_t)
 
     def finish(self, pending: "_PendingStep") -> StepResult:

@@ -69,7 +69,8 @@ def _generate(folder: str, **kw):
     """Greedy token ids per prompt, and the rank-0 runner's offload plan (None when off)."""
     from distllm import LLM, SamplingParams
 
-    args = dict(model=folder, device="cuda", max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=1024)
+    # float32: exact greedy comparisons, and LAYER_BYTES counts 4-byte weights (GPU "auto" would pick bf16).
+    args = dict(model=folder, device="cuda", dtype="float32", max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=1024)
     args.update(kw)
     llm = LLM(**args)
     try:
