@@ -87,16 +87,23 @@ def load_model(model_config: ModelConfig, device: torch.device | str, seed: int 
     elif fmt == "gguf":
         from distllm.models.gguf_loader import iter_gguf_tensors
 
-        model.load_weights(iter_gguf_tensors(model_config.gguf_file or model_config.model, dtype))
+        keep = model_config.quantization == "gguf"
+        model.load_weights(iter_gguf_tensors(model_config.gguf_file or model_config.model, dtype, keep_quantized=keep))
+        if keep:
+            from distllm.layers.quantized import quantization_summary
+
+            summary = quantization_summary(model, dtype)
+            logger.info("%s", summary.describe(model_config.dtype))
+            logger.debug("GGUF-quantized layers: %s", ", ".join(summary.layers))
     elif fmt == "safetensors":
         model.load_weights(iter_safetensors(model_config.model))
     else:
         raise ValueError(f"unknown load_format {fmt!r}")
     model.eval()
-    n = sum(p.numel() for p in model.parameters())
     gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     logger.info(
-        "Loaded %s (%s, %.1fM parameters, %.2f GB %s) in %.2f s",
-        model_config.architecture, fmt, n / 1e6, gb, model_config.dtype, time.perf_counter() - t0,
+        "Loaded %s (%s%s, %.2f GB of weights, %s) in %.2f s",
+        model_config.architecture, fmt, ", kept quantized" if model_config.quantization == "gguf" else "",
+        gb, model_config.dtype, time.perf_counter() - t0,
     )
     return model
