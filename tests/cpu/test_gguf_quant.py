@@ -449,9 +449,9 @@ def test_tiny_mixed_types_triton_kernels_end_to_end(tiny_quant_llama, smol_gguf,
     llm = LLM(model=tiny_quant_llama, tokenizer=smol_gguf, device="cpu", max_model_len=128,
               kv_cache_memory_bytes=16 << 20, quantization="gguf")
     try:
-        out = llm.generate(TINY_PROMPTS[1:], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+        out = llm.generate(TINY_PROMPTS, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
                            use_tqdm=False)
     finally:
         llm.shutdown()
-    assert list(out[0].outputs[0].token_ids) == tiny_reference[1][:3]
-    assert 1 in calls and 4 in calls  # decode (GEMV path) and the 4-token prefill
+    assert [list(o.outputs[0].token_ids) for o in out] == [r[:2] for r in tiny_reference]
+    assert 9 in calls and 2 in calls  # the 5 + 4 token prefill (tl.dot path), a 2-sequence decode (GEMV)
