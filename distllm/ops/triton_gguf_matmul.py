@@ -1,33 +1,27 @@
-"""Triton dequantize-matmul for GGUF block-quantized weights: y = x @ dequant(W).T.
+"""Triton kernels for GGUF block-quantized weights: y = x @ dequant(W).T.
 
     gguf_matmul(x [M, K] fp32/fp16/bf16, qweight uint8 [N, K / bs * ts] (row stride may exceed
                 the row's bytes), qtype) -> y [M, N] in x's dtype, fp32 accumulation.
 
 Design
 ------
-* One program = BLOCK_N weight rows x BLOCK_M input rows; it walks K in BLOCK_K steps. Every
-  step dequantizes a [BLOCK_N, BLOCK_K] weight tile in registers straight from the raw GGUF
-  bytes (``_dequant_tile``: per value, the byte address of its block, its quant bits and its
-  scales) and multiplies it with the matching x tile. The weight never exists in float in
-  device memory, and each quantized byte is read from DRAM once per program column (all M rows
-  of a program share the tile).
-* Decode (M <= 4, the case that matters: memory-bound GEMV): BLOCK_M = next power of two of M
-  and a broadcast multiply + row sum on CUDA cores (tl.dot wants >= 16 rows); BLOCK_N is small
-  so N / BLOCK_N programs fill the GPU, BLOCK_K large so each program streams long runs of
-  each row.
-* Larger M (prefill chunks, big decode batches): the same tile dequantization feeding tl.dot
-  (tensor cores) with the tile cast to x's dtype (bf16/fp16; fp32 stays fp32). Each weight tile
-  is re-dequantized for each BLOCK_M slice of x, which costs ALU, not memory traffic.
-* Scales are read per value (same address for a whole block: L1 broadcasts); fp16 scales are
-  assembled from two bytes so a row needs no particular alignment.
+* Decode (M <= GEMV_MAX_M, the case that matters: memory-bound GEMV) runs ``_gemv_kernel``:
+  grid (N / BLOCK_N, M), one program = BLOCK_N weight rows x one x row, walking K a few
+  "units" at a time. A unit is a run of quant bytes with one layout: a Q8_0/Q4_0/Q4_1 block,
+  or 64 values of a K-quant block (Q4_K: 32 nibble bytes with two 6-bit sub-scales; Q6_K: 32
+  low-nibble bytes + the 32 bytes of high bits). Tiles are [BLOCK_N, units, bytes]: each quant
+  byte is loaded once and gives its low and high nibble, scales are loaded once per unit, and
+  the block scale is factored out of the sum (y += d * sum(x q) + m * sum(x)), so the inner
+  loop is one multiply-add per value. Rows of x > 1 re-read the weight tile from L2, not DRAM.
+* Larger M (prefill, big decode batches): ``gguf_dequantize`` writes dequant(W) in x's dtype
+  (``_dequant_kernel``: one [32, 256] tile per program, per-value addressing) and cuBLAS does
+  the matmul. The transient weight costs N * K * 2 bytes of scratch per call, and the work is
+  compute-bound at that size anyway.
 * The launch depends only on shapes (no host sync, no data-dependent grid): CUDA-graph safe.
-* Under TRITON_INTERPRET=1 (CPU tests) tl.dot runs in fp32 (the interpreter's bf16 dot is
-  unreliable: numpy has no bf16).
+* fp16 scales are assembled from two bytes, so rows need no particular alignment.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -35,11 +29,8 @@ import triton.language as tl
 
 from distllm.ops.gguf_quant import LAYOUTS, GGMLType, ggml_type
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# GGML type ids, as constexpr branches in the kernel.
-_Q4_0, _Q4_1, _Q8_0, _Q4_K, _Q6_K = (int(t) for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0,
-                                                      GGMLType.Q4_K, GGMLType.Q6_K))
+# The kernels branch on the GGML type id (a constexpr): Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14.
 
 
 @triton.jit
@@ -98,56 +89,133 @@ def _dequant_tile(w_ptr, row, k, mask, QTYPE: tl.constexpr, BS: tl.constexpr, TS
 
 
 @triton.jit
-def _gguf_matmul_kernel(
+def _gemv_kernel(
     x_ptr, w_ptr, y_ptr,
-    M, N, K,
+    N, K,
     stride_xm, stride_wn, stride_ym,
-    QTYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
+    QTYPE: tl.constexpr, TS: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNITS: tl.constexpr, UB: tl.constexpr, UV: tl.constexpr,
 ):
+    """y[m, n-tile] for one x row m: a unit is UB quant bytes holding UV values (module docstring)."""
     pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    row = offs_n[:, None].to(tl.int64) * stride_wn  # [BN, 1] byte offset of each weight row
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BM, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = k < K
-        w = _dequant_tile(w_ptr, row, k[None, :], mask_n[:, None] & mask_k[None, :], QTYPE, BS, TS)
-        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if USE_DOT:
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+    row = (offs_n.to(tl.int64) * stride_wn)[:, None, None]  # [BN, 1, 1] byte offset of each row
+    mask_n = (offs_n < N)[:, None, None]
+    l = tl.arange(0, UB)[None, None, :]  # [1, 1, UB] byte inside a unit
+    x_row = x_ptr + m * stride_xm
+    n_units = K // UV
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for u0 in range(0, n_units, UNITS):
+        u = (u0 + tl.arange(0, UNITS))[None, :, None]  # [1, U, 1] unit index along the row
+        mask_u = u < n_units
+        mask = mask_n & mask_u
+        if QTYPE == 8:  # Q8_0: unit = block; y += d * sum(x q)
+            base = w_ptr + row + u * TS
+            d = _load_f16(base, mask)  # [BN, U, 1]
+            q = tl.load(base + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            x = tl.load(x_row + u * 32 + l, mask=mask_u, other=0.0).to(tl.float32)  # [1, U, UB]
+            part = d * tl.sum(q * x, axis=2, keep_dims=True)
+        elif QTYPE == 2 or QTYPE == 3:  # Q4_0 / Q4_1: unit = block, low nibbles = values 0..15
+            base = w_ptr + row + u * TS
+            d = _load_f16(base, mask)
+            if QTYPE == 2:
+                qb = _load_u8(base + 2 + l, mask)  # [BN, U, 16]
             else:
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)  # [BM, BN]
-    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                qb = _load_u8(base + 4 + l, mask)
+            x_lo = tl.load(x_row + u * 32 + l, mask=mask_u, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + u * 32 + 16 + l, mask=mask_u, other=0.0).to(tl.float32)
+            dot = tl.sum((qb & 0xF).to(tl.float32) * x_lo + (qb >> 4).to(tl.float32) * x_hi, axis=2, keep_dims=True)
+            sx = tl.sum(x_lo + x_hi, axis=2, keep_dims=True)  # [1, U, 1]
+            if QTYPE == 2:  # w = d (q - 8)
+                part = d * (dot - 8.0 * sx)
+            else:  # w = d q + m
+                part = d * dot + _load_f16(base + 2, mask) * sx
+        elif QTYPE == 12:  # Q4_K: unit = 64 values g of a block: 32 bytes, sub-blocks 2g (low) and 2g + 1
+            g = u % 4
+            blk = w_ptr + row + (u // 4) * TS
+            d = _load_f16(blk, mask)
+            dmin = _load_f16(blk + 2, mask)
+            sc_lo, mn_lo = _q4k_scale_min(blk, 2 * g, mask)
+            sc_hi, mn_hi = _q4k_scale_min(blk, 2 * g + 1, mask)
+            qb = _load_u8(blk + 16 + g * 32 + l, mask)  # [BN, U, 32]
+            k_lo = (u // 4) * 256 + g * 64 + l
+            x_lo = tl.load(x_row + k_lo, mask=mask_u, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + k_lo + 32, mask=mask_u, other=0.0).to(tl.float32)
+            dot_lo = tl.sum((qb & 0xF).to(tl.float32) * x_lo, axis=2, keep_dims=True)
+            dot_hi = tl.sum((qb >> 4).to(tl.float32) * x_hi, axis=2, keep_dims=True)
+            sx_lo = tl.sum(x_lo, axis=2, keep_dims=True)
+            sx_hi = tl.sum(x_hi, axis=2, keep_dims=True)
+            part = d * (sc_lo * dot_lo + sc_hi * dot_hi) - dmin * (mn_lo * sx_lo + mn_hi * sx_hi)
+        else:  # Q6_K: unit c = (half h, i2) of a block: 32 low-nibble bytes for values 32 i2 + l and 32 (i2 + 2) + l of the half
+            c = u % 4
+            h = c // 2
+            i2 = c % 2
+            blk = w_ptr + row + (u // 4) * TS
+            qlb = _load_u8(blk + h * 64 + i2 * 32 + l, mask)  # [BN, U, 32]
+            qhb = _load_u8(blk + 128 + h * 32 + l, mask)
+            q_lo = ((qlb & 0xF) | (((qhb >> (2 * i2)) & 3) << 4)) - 32
+            q_hi = ((qlb >> 4) | (((qhb >> (2 * i2 + 4)) & 3) << 4)) - 32
+            v_lo = h * 128 + i2 * 32 + l  # value index inside the block
+            sc_lo = tl.load(blk + 192 + v_lo // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            sc_hi = tl.load(blk + 192 + (v_lo + 64) // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            k_lo = (u // 4) * 256 + v_lo
+            x_lo = tl.load(x_row + k_lo, mask=mask_u, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + k_lo + 64, mask=mask_u, other=0.0).to(tl.float32)
+            d = _load_f16(blk + 208, mask)
+            part = d * tl.sum(sc_lo * q_lo.to(tl.float32) * x_lo + sc_hi * q_hi.to(tl.float32) * x_hi, axis=2, keep_dims=True)
+        acc += tl.sum(tl.sum(part, axis=2), axis=1)
+    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def _config(m: int) -> tuple[int, int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, num_warps) for M input rows."""
-    if m <= 4:
-        return triton.next_power_of_2(m), 16, 256, False, 4
-    if m <= 32:
-        return 16 if m <= 16 else 32, 64, 64, True, 4
-    return 64, 64, 64, True, 4
+@triton.jit
+def _q4k_scale_min(blk, s, mask):
+    """6-bit (scale, min) of sub-block s (0..7) of Q4_K blocks at ``blk`` -> fp32."""
+    sl = s % 4
+    lo = _load_u8(blk + 4 + sl, mask)
+    mid = _load_u8(blk + 8 + sl, mask)
+    hi = _load_u8(blk + 12 + sl, mask)
+    sc = tl.where(s < 4, lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30))
+    mn = tl.where(s < 4, mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30))
+    return sc.to(tl.float32), mn.to(tl.float32)
 
 
-def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLType) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ dequant(qweight).T; see the module docstring."""
-    t = ggml_type(qtype)
+@triton.jit
+def _dequant_kernel(
+    w_ptr, out_ptr, N, K, stride_wn, stride_on,
+    QTYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out [N, K] (x's dtype) = dequant(W), one [BLOCK_N, BLOCK_K] tile per program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (k < K)[None, :]
+    row = offs_n[:, None].to(tl.int64) * stride_wn
+    w = _dequant_tile(w_ptr, row, k[None, :], mask, QTYPE, BS, TS)
+    out = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + k[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Unit geometry per type: (quant bytes per unit UB, values per unit UV, units per K step).
+_UNITS = {
+    GGMLType.Q8_0: (32, 32, 8),
+    GGMLType.Q4_0: (16, 32, 16),
+    GGMLType.Q4_1: (16, 32, 16),
+    GGMLType.Q4_K: (32, 64, 8),
+    GGMLType.Q6_K: (32, 64, 8),
+}
+GEMV_MAX_M = 8  # rows of x up to which the GEMV kernel runs; above: dequantize + cuBLAS
+GEMV_BLOCK_N = 8
+GEMV_WARPS = 4
+DEQUANT_BLOCK = (32, 256)  # (rows, values) of a dequantization tile
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType) -> None:
     lay = LAYOUTS[t]
     if x.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.uint8:
-        raise ValueError(f"expected x [M, K] and uint8 qweight [N, bytes], got {tuple(x.shape)}, {qweight.dtype} {tuple(qweight.shape)}")
-    m, k = x.shape
-    n = qweight.shape[0]
+        raise ValueError(
+            f"expected x [M, K] and uint8 qweight [N, bytes], got {tuple(x.shape)}, {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    k = x.shape[1]
     if k % lay.block_size or qweight.shape[1] != k // lay.block_size * lay.type_size:
         raise ValueError(
             f"{t.name}: x has K={k} but the weight rows hold {qweight.shape[1]} bytes "
@@ -155,17 +223,40 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
         )
     if qweight.stride(1) != 1:
         raise ValueError("quantized weight rows must be contiguous bytes (stride 1 along a row).")
+
+
+def gguf_dequantize(qweight: torch.Tensor, qtype: int | str | GGMLType, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(W) [N, K] in ``dtype`` (Triton; same values as ``dequantize_ref`` rounded to dtype)."""
+    t = ggml_type(qtype)
+    lay = LAYOUTS[t]
+    n = qweight.shape[0]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    bn, bk = DEQUANT_BLOCK
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _dequant_kernel[grid](
+        qweight, out, n, k, qweight.stride(0), out.stride(0),
+        QTYPE=int(t), BS=lay.block_size, TS=lay.type_size, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return out
+
+
+def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLType) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(qweight).T; see the module docstring."""
+    t = ggml_type(qtype)
+    _check(x, qweight, t)
+    m, k = x.shape
+    n = qweight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
+    if m > GEMV_MAX_M:
+        return x @ gguf_dequantize(qweight, t, k, x.dtype).T
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    bm, bn, bk, use_dot, warps = _config(m)
-    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-    _gguf_matmul_kernel[grid](
-        x, qweight, y, m, n, k, x.stride(0), qweight.stride(0), y.stride(0),
-        QTYPE=int(t), BS=lay.block_size, TS=lay.type_size,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot,
-        DOT_F32=_INTERPRET or x.dtype == torch.float32, num_warps=warps,
+    ub, uv, units = _UNITS[t]
+    grid = (triton.cdiv(n, GEMV_BLOCK_N), m)
+    _gemv_kernel[grid](
+        x, qweight, y, n, k, x.stride(0), qweight.stride(0), y.stride(0),
+        QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_N=GEMV_BLOCK_N, UNITS=units, UB=ub, UV=uv, num_warps=GEMV_WARPS,
     )
     return y

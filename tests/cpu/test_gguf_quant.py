@@ -32,7 +32,7 @@ ALL_TYPES = list(GGMLType)
 def _interpreted_kernels():
     """Another module (tests/gpu/conftest.py) may have switched the kernels to compiled mode."""
     os.environ["TRITON_INTERPRET"] = "1"
-    if not isinstance(_tgm._gguf_matmul_kernel, InterpretedFunction):
+    if not isinstance(_tgm._gemv_kernel, InterpretedFunction):
         importlib.reload(_tgm)
     yield
 
@@ -91,8 +91,8 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("m", [1, 3, 20])  # 1, 3: GEMV path; 20: tl.dot path
-@pytest.mark.parametrize("n,n_blocks", [(8, 1), (24, 2)])
+@pytest.mark.parametrize("m", [1, 3, 8, 20])  # up to 8: GEMV kernel; 20: dequantize kernel + matmul
+@pytest.mark.parametrize("n,n_blocks", [(8, 1), (13, 2), (24, 3)])
 def test_triton_kernel_matches_dequant_matmul(qtype, m, n, n_blocks):
     rng = np.random.default_rng(100 * int(qtype) + m + n)
     raw = torch.from_numpy(random_blocks(qtype, n, n_blocks, rng))
@@ -105,7 +105,7 @@ def test_triton_kernel_matches_dequant_matmul(qtype, m, n, n_blocks):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [2, 17])
+@pytest.mark.parametrize("m", [2, 17])  # GEMV kernel, dequantize + matmul
 def test_triton_kernel_half_inputs_and_strided_rows(dtype, m):
     """Half inputs come back in their dtype; a row view narrower than its buffer (stacked layers
     with mixed types) is read with the buffer's row stride."""
@@ -117,6 +117,18 @@ def test_triton_kernel_half_inputs_and_strided_rows(dtype, m):
     y = _tgm.gguf_matmul(x, wide[:, :40], GGMLType.Q4_1)
     ref = x.float() @ dequantize_ref(raw, GGMLType.Q4_1).T
     assert y.dtype == dtype and _rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+def test_triton_dequantize_kernel_exact(qtype):
+    rng = np.random.default_rng(int(qtype) + 50)
+    raw = torch.from_numpy(random_blocks(qtype, 37, 2, rng))  # 37 rows: a partial row tile
+    k = 2 * LAYOUTS[qtype].block_size
+    assert torch.equal(_tgm.gguf_dequantize(raw, qtype, k, torch.float32), dequantize_ref(raw, qtype))
+    half = _tgm.gguf_dequantize(raw, qtype, k, torch.bfloat16)
+    ref = dequantize_ref(raw, qtype)
+    # within one bf16 ulp (the interpreter's bf16 cast truncates where CUDA rounds to nearest)
+    assert half.dtype == torch.bfloat16 and ((half.float() - ref).abs() <= ref.abs() * 2**-7).all()
 
 
 def test_triton_kernel_shape_errors():
@@ -454,4 +466,4 @@ def test_tiny_mixed_types_triton_kernels_end_to_end(tiny_quant_llama, smol_gguf,
     finally:
         llm.shutdown()
     assert [list(o.outputs[0].token_ids) for o in out] == [r[:2] for r in tiny_reference]
-    assert 9 in calls and 2 in calls  # the 5 + 4 token prefill (tl.dot path), a 2-sequence decode (GEMV)
+    assert 9 in calls and 2 in calls  # the 5 + 4 token prefill (dequantize + matmul), a 2-sequence decode (GEMV)
