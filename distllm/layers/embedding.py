@@ -60,7 +60,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         rows, cols = loaded_shape(loaded)
         if rows < self.vocab_size or cols != param.shape[1]:
             raise ValueError(f"LM head shape mismatch: checkpoint {(rows, cols)}, model vocab {self.vocab_size}")
-        self.qweight = QuantizedWeight(self.per_rank, cols)
+        self.qweight = QuantizedWeight(self.per_rank, cols, param.device)
         self.qweight.store(param, loaded[self.start : self.end], 0)
         if self.end - self.start < self.per_rank:  # zero padding rows: all-zero blocks dequantize to 0
             self.qweight.store(param, _zero_rows(loaded, self.per_rank - (self.end - self.start)), self.end - self.start)

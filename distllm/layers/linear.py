@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight
+from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight, deferred_device
 
 
 def loaded_shape(w: Any) -> tuple[int, ...]:
@@ -57,19 +57,38 @@ def divide(a: int, b: int, what: str) -> int:
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        # Quantized GGUF loads build the weight on the meta device; it gets memory when loaded.
+        self._device = deferred_device()
+        meta = {"device": "meta"} if self._device is not None else {}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, **meta), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        # Kept outside the parameter registry (a plain attribute): loaders may still pass it in.
+        object.__setattr__(self, "_placeholder", self.weight if self._device is not None else None)
         self.qweight: QuantizedWeight | None = None  # set when the weight is loaded GGUF-quantized
         self._float_weight_loaded = False
+
+    def _allocate_weight(self, data: torch.Tensor) -> nn.Parameter:
+        """Swap the meta placeholder for a parameter with memory (same weight_loader)."""
+        new = nn.Parameter(data, requires_grad=False)
+        set_weight_loader(new, self._placeholder.weight_loader)
+        self.weight = new
+        return new
 
     def _load_rows(self, param: nn.Parameter, part: Any, offset: int, rows: int) -> None:
         """Copy `rows` loaded rows into param rows [offset, offset + rows): raw bytes when the
         weight comes quantized (and no float shard of it came first), else as floats."""
         if loaded_shape(part)[0] != rows:
             raise ValueError(f"shape mismatch: expected {rows} rows from the checkpoint, got {loaded_shape(part)}")
+        if param is self._placeholder:  # callers hold the placeholder; it may have been swapped already
+            param = self.weight
         if param is self.weight and isinstance(part, GGUFQuantizedTensor) and not self._float_weight_loaded:
+            out_rows, in_features = param.shape
             if self.qweight is None:
-                self.qweight = QuantizedWeight(param.shape[0], param.shape[1])
+                self.qweight = QuantizedWeight(out_rows, in_features, self._device or param.device)
+            if param.is_meta:
+                param = self._allocate_weight(
+                    torch.zeros((out_rows, part.data.shape[1]), dtype=torch.uint8, device=self._device)
+                )
             self.qweight.store(param, part, offset)
             return
         if param is self.weight:
@@ -79,6 +98,8 @@ class LinearBase(nn.Module):
                     "load this model with quantization='dequantize'."
                 )
             self._float_weight_loaded = True
+            if param.is_meta:
+                param = self._allocate_weight(torch.empty(param.shape, dtype=param.dtype, device=self._device))
         param.data[offset : offset + rows].copy_(materialize(part, param.dtype))
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -16,12 +16,33 @@
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from distllm.ops.gguf_quant import LAYOUTS, GGMLType, dequantize_ref, ggml_type, gguf_linear
+
+
+_DEFERRED_DEVICE: list[torch.device] = []  # set while a model is built for quantized loading
+
+
+@contextmanager
+def deferred_linear_weights(device: torch.device | str) -> Iterator[None]:
+    """Build linear layers with their weights on the meta device; each gets memory on ``device``
+    when its first shard is loaded (uint8 rows if quantized, else floats). Without this, a
+    quantized load would first allocate every weight as floats: the dequantized size at peak."""
+    _DEFERRED_DEVICE.append(torch.device(device))
+    try:
+        yield
+    finally:
+        _DEFERRED_DEVICE.pop()
+
+
+def deferred_device() -> torch.device | None:
+    return _DEFERRED_DEVICE[-1] if _DEFERRED_DEVICE else None
 
 
 @dataclass
@@ -83,6 +104,7 @@ class _Segment:
 class QuantizedWeight:
     out_features: int  # this rank's rows
     in_features: int  # this rank's logical input features
+    device: torch.device  # where the rows live (the parameter may still be on the meta device)
     segments: dict[int, _Segment] = field(default_factory=dict)  # by start row
     _runs: list[tuple[int, int, GGMLType]] | None = None  # merged segments, built on first use
 
@@ -97,9 +119,9 @@ class QuantizedWeight:
         nbytes = part.data.shape[1]
         if param.dtype != torch.uint8:
             # The float placeholder is dropped here; the parameter object (and its weight_loader) stays.
-            param.data = torch.zeros((self.out_features, nbytes), dtype=torch.uint8, device=param.device)
+            param.data = torch.zeros((self.out_features, nbytes), dtype=torch.uint8, device=self.device)
         elif param.shape[1] < nbytes:  # a wider type arrived for another segment: widen the rows
-            wider = torch.zeros((self.out_features, nbytes), dtype=torch.uint8, device=param.device)
+            wider = torch.zeros((self.out_features, nbytes), dtype=torch.uint8, device=self.device)
             wider[:, : param.shape[1]] = param.data
             param.data = wider
         param.data[row_offset : row_offset + rows, :nbytes].copy_(part.data)

@@ -6,6 +6,7 @@ rank reads only the bytes of its own shard.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from distllm.config import ModelConfig
+from distllm.layers.quantized import deferred_linear_weights
 from distllm.logger import init_logger
 from distllm.models.registry import get_model_class
 
@@ -79,7 +81,8 @@ def load_model(model_config: ModelConfig, device: torch.device | str, seed: int 
     t0 = time.perf_counter()
     dtype = torch_dtype(model_config.dtype)
     cls = get_model_class(model_config.architecture)
-    with torch.device(device):
+    quantized = model_config.load_format == "gguf" and model_config.quantization == "gguf"
+    with torch.device(device), (deferred_linear_weights(device) if quantized else contextlib.nullcontext()):
         model = cls(model_config.hf_config, dtype)
     fmt = model_config.load_format
     if fmt == "dummy":
@@ -87,9 +90,9 @@ def load_model(model_config: ModelConfig, device: torch.device | str, seed: int 
     elif fmt == "gguf":
         from distllm.models.gguf_loader import iter_gguf_tensors
 
-        keep = model_config.quantization == "gguf"
-        model.load_weights(iter_gguf_tensors(model_config.gguf_file or model_config.model, dtype, keep_quantized=keep))
-        if keep:
+        path = model_config.gguf_file or model_config.model
+        model.load_weights(iter_gguf_tensors(path, dtype, keep_quantized=quantized))
+        if quantized:
             from distllm.layers.quantized import quantization_summary
 
             summary = quantization_summary(model, dtype)

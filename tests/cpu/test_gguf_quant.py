@@ -467,3 +467,25 @@ def test_tiny_mixed_types_triton_kernels_end_to_end(tiny_quant_llama, smol_gguf,
         llm.shutdown()
     assert [list(o.outputs[0].token_ids) for o in out] == [r[:2] for r in tiny_reference]
     assert 9 in calls and 2 in calls  # the 5 + 4 token prefill (dequantize + matmul), a 2-sequence decode (GEMV)
+
+
+def test_deferred_linear_weights_allocate_on_load(tp_state):
+    """Quantized loads build linears on the meta device: no float copy of the weights ever exists."""
+    from distllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+    from distllm.layers.quantized import deferred_linear_weights
+
+    tp_state(0, 1)
+    with deferred_linear_weights("cpu"):
+        quant = MergedColumnParallelLinear(64, [4, 4], bias=True, dtype=torch.float32)
+        flt = RowParallelLinear(64, 8, dtype=torch.float32)
+    assert quant.weight.is_meta and flt.weight.is_meta and not quant.bias.is_meta  # biases stay real
+    placeholder = quant.weight
+    g, u = _qt(GGMLType.Q4_0, 4, 64, 12), _qt(GGMLType.Q4_0, 4, 64, 13)
+    placeholder.weight_loader(placeholder, g, 0)
+    placeholder.weight_loader(placeholder, u, 1)  # the weight loading loop keeps passing the placeholder
+    assert quant.weight is not placeholder and hasattr(quant.weight, "weight_loader")
+    assert quant.weight.device.type == "cpu" and quant.weight.dtype == torch.uint8
+    assert torch.equal(quant.weight, torch.cat([g.data, u.data]))
+    dense = torch.randn(8, 64)
+    flt.weight.weight_loader(flt.weight, dense)
+    assert flt.weight.device.type == "cpu" and torch.equal(flt.weight, dense)
