@@ -23,6 +23,8 @@ Design
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,6 +32,7 @@ import triton.language as tl
 from distllm.ops.gguf_quant import LAYOUTS, GGMLType, ggml_type
 
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # its bf16 tl.dot is unreliable: fp32 there
 # The kernels branch on the GGML type id (a constexpr): Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14.
 
 
@@ -169,6 +172,109 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _unit_tile(w_ptr, row, u, l, mask, QTYPE: tl.constexpr, TS: tl.constexpr):
+    """Weights of units ``u`` ([1, U, 1]) in rows ``row`` ([BN, 1, 1]), as two fp32 halves
+    [BN, U, UB] with the value indices they multiply ([1, U, UB] each): (w_lo, k_lo, w_hi, k_hi).
+    Q8_0 halves are the block's first and last 16 values; 4-bit types: low and high nibbles."""
+    if QTYPE == 8:  # UB = 16
+        base = w_ptr + row + u * TS
+        d = _load_f16(base, mask)
+        q_lo = tl.load(base + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        q_hi = tl.load(base + 18 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        k_lo = u * 32 + l
+        w_lo = q_lo * d
+        w_hi = q_hi * d
+        k_hi = k_lo + 16
+    elif QTYPE == 2 or QTYPE == 3:  # UB = 16
+        base = w_ptr + row + u * TS
+        d = _load_f16(base, mask)
+        k_lo = u * 32 + l
+        k_hi = k_lo + 16
+        if QTYPE == 2:
+            qb = _load_u8(base + 2 + l, mask)
+            w_lo = d * ((qb & 0xF) - 8).to(tl.float32)
+            w_hi = d * ((qb >> 4) - 8).to(tl.float32)
+        else:
+            qb = _load_u8(base + 4 + l, mask)
+            m = _load_f16(base + 2, mask)
+            w_lo = d * (qb & 0xF).to(tl.float32) + m
+            w_hi = d * (qb >> 4).to(tl.float32) + m
+    elif QTYPE == 12:  # UB = 32
+        g = u % 4
+        blk = w_ptr + row + (u // 4) * TS
+        d = _load_f16(blk, mask)
+        dmin = _load_f16(blk + 2, mask)
+        sc_lo, mn_lo = _q4k_scale_min(blk, 2 * g, mask)
+        sc_hi, mn_hi = _q4k_scale_min(blk, 2 * g + 1, mask)
+        qb = _load_u8(blk + 16 + g * 32 + l, mask)
+        w_lo = (d * sc_lo) * (qb & 0xF).to(tl.float32) - dmin * mn_lo
+        w_hi = (d * sc_hi) * (qb >> 4).to(tl.float32) - dmin * mn_hi
+        k_lo = (u // 4) * 256 + g * 64 + l
+        k_hi = k_lo + 32
+    else:  # Q6_K, UB = 32
+        c = u % 4
+        h = c // 2
+        i2 = c % 2
+        blk = w_ptr + row + (u // 4) * TS
+        qlb = _load_u8(blk + h * 64 + i2 * 32 + l, mask)
+        qhb = _load_u8(blk + 128 + h * 32 + l, mask)
+        q_lo = ((qlb & 0xF) | (((qhb >> (2 * i2)) & 3) << 4)) - 32
+        q_hi = ((qlb >> 4) | (((qhb >> (2 * i2 + 4)) & 3) << 4)) - 32
+        v_lo = h * 128 + i2 * 32 + l
+        sc_lo = tl.load(blk + 192 + v_lo // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(blk + 192 + (v_lo + 64) // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _load_f16(blk + 208, mask)
+        w_lo = (d * sc_lo) * q_lo.to(tl.float32)
+        w_hi = (d * sc_hi) * q_hi.to(tl.float32)
+        k_lo = (u // 4) * 256 + v_lo
+        k_hi = k_lo + 64
+    return w_lo, k_lo, w_hi, k_hi
+
+
+@triton.jit
+def _mma_kernel(
+    x_ptr, w_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    QTYPE: tl.constexpr, TS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS: tl.constexpr, UB: tl.constexpr, UV: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """y tile [BLOCK_M, BLOCK_N] with tensor cores: each step decodes UNITS units of BLOCK_N rows
+    into two [BLOCK_N, UNITS * UB] halves and multiplies each with the x columns it belongs to
+    (the order of K inside a dot product is free, so no interleaving is needed)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = (offs_n.to(tl.int64) * stride_wn)[:, None, None]
+    mask_n = (offs_n < N)[:, None, None]
+    mask_m = (offs_m < M)[:, None]
+    l = tl.arange(0, UB)[None, None, :]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BM, 1]
+    n_units = K // UV
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for u0 in range(0, n_units, UNITS):
+        u = (u0 + tl.arange(0, UNITS))[None, :, None]
+        mask_u = u < n_units
+        w_lo, k_lo, w_hi, k_hi = _unit_tile(w_ptr, row, u, l, mask_n & mask_u, QTYPE, TS)
+        k_lo = tl.reshape(k_lo, (1, UNITS * UB))  # [1, U * UB]
+        k_hi = tl.reshape(k_hi, (1, UNITS * UB))
+        x_lo = tl.load(x_rows + k_lo, mask=mask_m & (k_lo < K), other=0.0)  # [BM, U * UB]
+        x_hi = tl.load(x_rows + k_hi, mask=mask_m & (k_hi < K), other=0.0)
+        w_lo = tl.reshape(w_lo, (BLOCK_N, UNITS * UB))
+        w_hi = tl.reshape(w_hi, (BLOCK_N, UNITS * UB))
+        if DOT_F32:
+            acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
+            acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
+        else:
+            acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
+            acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m & (offs_n < N)[None, :])
+
+
+@triton.jit
 def _q4k_scale_min(blk, s, mask):
     """6-bit (scale, min) of sub-block s (0..7) of Q4_K blocks at ``blk`` -> fp32."""
     sl = s % 4
@@ -203,7 +309,9 @@ _UNITS = {
     GGMLType.Q4_K: (32, 64, 8),
     GGMLType.Q6_K: (32, 64, 8),
 }
-GEMV_MAX_M = 8  # rows of x up to which the GEMV kernel runs; above: dequantize + cuBLAS
+GEMV_MAX_M = 8  # rows of x up to which the GEMV kernel runs; above: MMA_MAX_M or dequantize + cuBLAS
+MMA_MAX_M = 0  # rows of x up to which the tensor-core kernel runs (0: never); above: dequantize + cuBLAS
+MMA_BLOCK = (64, 64, 64)  # (BLOCK_M, BLOCK_N, values of each half per step)
 GEMV_BLOCK_N = 8
 GEMV_WARPS = 4
 DEQUANT_BLOCK = (32, 256)  # (rows, values) of a dequantization tile
@@ -248,10 +356,21 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
     n = qweight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    if m > GEMV_MAX_M:
+    if m > max(GEMV_MAX_M, MMA_MAX_M):
         return x @ gguf_dequantize(qweight, t, k, x.dtype).T
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
+        return y
+    if m > GEMV_MAX_M:
+        ub, uv, _ = _UNITS[t]
+        bm, bn, half = MMA_BLOCK
+        ub = 16 if t == GGMLType.Q8_0 else ub  # Q8_0 units split into two 16-value halves
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+        _mma_kernel[grid](
+            x, qweight, y, m, n, k, x.stride(0), qweight.stride(0), y.stride(0),
+            QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_M=bm, BLOCK_N=bn, UNITS=max(1, half // ub), UB=ub, UV=uv,
+            DOT_F32=x.dtype == torch.float32 or _INTERPRET, num_warps=4,
+        )
         return y
     ub, uv, units = _UNITS[t]
     grid = (triton.cdiv(n, GEMV_BLOCK_N), m)

@@ -91,9 +91,10 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("m", [1, 3, 8, 20])  # up to 8: GEMV kernel; 20: dequantize kernel + matmul
-@pytest.mark.parametrize("n,n_blocks", [(8, 1), (13, 2), (24, 3)])
-def test_triton_kernel_matches_dequant_matmul(qtype, m, n, n_blocks):
+@pytest.mark.parametrize("m,mma", [(1, 0), (3, 0), (8, 0), (20, 0), (9, 64), (20, 64)])  # <= 8: GEMV kernel;
+@pytest.mark.parametrize("n,n_blocks", [(8, 1), (13, 2), (24, 3)])  # above: tensor-core kernel or dequantize + matmul
+def test_triton_kernel_matches_dequant_matmul(qtype, m, mma, n, n_blocks, monkeypatch):
+    monkeypatch.setattr(_tgm, "MMA_MAX_M", mma)
     rng = np.random.default_rng(100 * int(qtype) + m + n)
     raw = torch.from_numpy(random_blocks(qtype, n, n_blocks, rng))
     w = dequantize_ref(raw, qtype)  # [N, K]
