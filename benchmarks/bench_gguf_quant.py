@@ -10,6 +10,11 @@
    random prompts; the time includes that short prefill).
 
     python benchmarks/bench_gguf_quant.py [--model F.gguf | --synthetic] [--tokens 128] [--batches 1,64]
+                                          [--sweep] [--skip-model]
+
+--sweep first tunes the kernels (GEMV tile; GEMV vs tensor-core kernel vs dequantize + cuBLAS
+for M = 1 .. 256) and prints the figures that set GEMV_MAX_M, MMA_MAX_M and GEMV_BLOCK_N in
+distllm/ops/triton_gguf_matmul.py.
 """
 
 from __future__ import annotations
@@ -62,6 +67,48 @@ def bench_kernels(ms: list[int]) -> list[str]:
     return rows
 
 
+def sweep_kernels(ms: list[int]) -> list[str]:
+    """Tuning: GEMV tile (BLOCK_N, warps) at M=1, then per M the GEMV kernel, the tensor-core
+    kernel and dequantize + cuBLAS, so GEMV_MAX_M / MMA_MAX_M / GEMV_BLOCK_N can be set from it."""
+    import triton.testing
+
+    import distllm.ops.triton_gguf_matmul as T
+    from distllm.ops.gguf_quant import GGMLType, dequantize_ref, gguf_linear
+    from distllm.ops.gguf_synthetic import random_blocks
+
+    n = k = 4096
+    gen = torch.Generator().manual_seed(0)
+    saved = (T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_BLOCK_N, T.GEMV_WARPS)
+    xs = {m: torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda() for m in ms}
+    rows = []
+    try:
+        for t in GGMLType:
+            raw = random_blocks(t, n, k, gen).cuda()
+            ref = {m: x.float() @ dequantize_ref(raw, t).T for m, x in xs.items()}
+            T.GEMV_MAX_M, T.MMA_MAX_M = 8, 0
+            tiles = []
+            for bn in (4, 8, 16, 32):
+                for warps in (2, 4, 8):
+                    T.GEMV_BLOCK_N, T.GEMV_WARPS = bn, warps
+                    tiles.append((triton.testing.do_bench(lambda: gguf_linear(xs[ms[0]], raw, t, n)) * 1e3, bn, warps))
+            best = min(tiles)
+            T.GEMV_BLOCK_N, T.GEMV_WARPS = best[1], best[2]
+            rows.append(f"{t.name}: GEMV M={ms[0]} best BLOCK_N={best[1]} warps={best[2]}: {best[0]:.1f} us "
+                        f"(worst {max(tiles)[0]:.1f} us)")
+            for name, gemv_max, mma_max in (("gemv", 1 << 20, 0), ("mma", 0, 1 << 20), ("dequant+cublas", 0, 0)):
+                T.GEMV_MAX_M, T.MMA_MAX_M = gemv_max, mma_max
+                cells = []
+                for m, x in xs.items():
+                    y = gguf_linear(x, raw, t, n)
+                    err = ((y.float() - ref[m]).abs().max() / ref[m].abs().max()).item()
+                    us = triton.testing.do_bench(lambda: gguf_linear(x, raw, t, n)) * 1e3
+                    cells.append(f"M={m}: {us:.1f} us" + ("" if err < 2e-2 else f" (ERR {err:.1e})"))
+                rows.append(f"  {name:15s} " + ", ".join(cells))
+    finally:
+        T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_BLOCK_N, T.GEMV_WARPS = saved
+    return rows
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -108,8 +155,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--kernel-m", default="1,16")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="kernel tuning sweep (tile sizes, path per M)")
     args = ap.parse_args()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.sweep:
+        print("\n".join(sweep_kernels([1, 2, 4, 8, 16, 32, 64, 256])), flush=True)
     rows = bench_kernels([int(m) for m in args.kernel_m.split(",")])
     print("\n".join(rows), flush=True)
     if args.skip_model:
