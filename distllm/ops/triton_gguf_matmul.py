@@ -17,6 +17,10 @@ Design
   (``_dequant_kernel``: one [32, 256] tile per program, per-value addressing) and cuBLAS does
   the matmul. The transient weight costs N * K * 2 bytes of scratch per call, and the work is
   compute-bound at that size anyway.
+* In between, ``_mma_kernel`` (tensor cores) decodes the same units into two [BLOCK_N, U * UB]
+  halves and multiplies each with the x columns it belongs to (a dot product may take K in
+  any order, so nibbles need no interleaving). It is off (MMA_MAX_M = 0) until
+  ``benchmarks/bench_gguf_quant.py --sweep`` shows on a GPU where it beats the other two.
 * The launch depends only on shapes (no host sync, no data-dependent grid): CUDA-graph safe.
 * fp16 scales are assembled from two bytes, so rows need no particular alignment.
 """
