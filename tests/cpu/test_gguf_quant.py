@@ -490,3 +490,20 @@ def test_deferred_linear_weights_allocate_on_load(tp_state):
     dense = torch.randn(8, 64)
     flt.weight.weight_loader(flt.weight, dense)
     assert flt.weight.device.type == "cpu" and torch.equal(flt.weight, dense)
+
+
+def test_synthetic_blocks_and_file(tmp_path):
+    """The helpers the GPU tests and the benchmark use: finite weights of about the asked std,
+    and a file the loader maps to a model with every layer quantized."""
+    from distllm.models.gguf_loader import gguf_tensor_info, gguf_to_hf_config
+    from distllm.ops.gguf_synthetic import MIXED_TYPES, random_blocks, write_llama_gguf
+
+    gen = torch.Generator().manual_seed(0)
+    for t in ALL_TYPES:
+        w = dequantize_ref(random_blocks(t, 16, 512, gen, std=0.5), t)
+        assert torch.isfinite(w).all() and 0.2 < w.std().item() < 1.0, (t.name, w.std().item())
+    path = write_llama_gguf(str(tmp_path / "m.gguf"), hidden=256, ffn=512, heads=4, kv=2, layers=1, vocab=64,
+                            types=MIXED_TYPES, tied=False)
+    types = {i.gguf_name: i.quant_type for i in gguf_tensor_info(path)}
+    assert types["blk.0.attn_v.weight"] == "Q6_K" and types["output.weight"] == "Q6_K"
+    assert gguf_to_hf_config(path)["tie_word_embeddings"] is False
