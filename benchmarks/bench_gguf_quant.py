@@ -13,7 +13,7 @@
                                           [--sweep] [--skip-model]
 
 --sweep first tunes the kernels (GEMV tile; GEMV vs tensor-core kernel vs dequantize + cuBLAS
-for M = 1 .. 256) and prints the figures that set GEMV_MAX_M, MMA_MAX_M and GEMV_BLOCK_N in
+for M = 1 .. 256) and prints the figures that set GEMV_MAX_M, MMA_MAX_M and GEMV_CONFIG in
 distllm/ops/triton_gguf_matmul.py.
 """
 
@@ -69,7 +69,7 @@ def bench_kernels(ms: list[int]) -> list[str]:
 
 def sweep_kernels(ms: list[int]) -> list[str]:
     """Tuning: GEMV tile (BLOCK_N, warps) at M=1, then per M the GEMV kernel, the tensor-core
-    kernel and dequantize + cuBLAS, so GEMV_MAX_M / MMA_MAX_M / GEMV_BLOCK_N can be set from it."""
+    kernel and dequantize + cuBLAS, so GEMV_MAX_M / MMA_MAX_M / GEMV_CONFIG can be set from it."""
     import triton.testing
 
     import distllm.ops.triton_gguf_matmul as T
@@ -78,7 +78,7 @@ def sweep_kernels(ms: list[int]) -> list[str]:
 
     n = k = 4096
     gen = torch.Generator().manual_seed(0)
-    saved = (T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_BLOCK_N, T.GEMV_WARPS)
+    saved = (T.GEMV_MAX_M, T.MMA_MAX_M, dict(T.GEMV_CONFIG))
     xs = {m: torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda() for m in ms}
     rows = []
     try:
@@ -89,10 +89,10 @@ def sweep_kernels(ms: list[int]) -> list[str]:
             tiles = []
             for bn in (4, 8, 16, 32):
                 for warps in (2, 4, 8):
-                    T.GEMV_BLOCK_N, T.GEMV_WARPS = bn, warps
+                    T.GEMV_CONFIG[t] = (bn, warps)
                     tiles.append((triton.testing.do_bench(lambda: gguf_linear(xs[ms[0]], raw, t, n)) * 1e3, bn, warps))
             best = min(tiles)
-            T.GEMV_BLOCK_N, T.GEMV_WARPS = best[1], best[2]
+            T.GEMV_CONFIG[t] = (best[1], best[2])
             rows.append(f"{t.name}: GEMV M={ms[0]} best BLOCK_N={best[1]} warps={best[2]}: {best[0]:.1f} us "
                         f"(worst {max(tiles)[0]:.1f} us)")
             for name, gemv_max, mma_max in (("gemv", 1 << 20, 0), ("mma", 0, 1 << 20), ("dequant+cublas", 0, 0)):
@@ -105,7 +105,7 @@ def sweep_kernels(ms: list[int]) -> list[str]:
                     cells.append(f"M={m}: {us:.1f} us" + ("" if err < 2e-2 else f" (ERR {err:.1e})"))
                 rows.append(f"  {name:15s} " + ", ".join(cells))
     finally:
-        T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_BLOCK_N, T.GEMV_WARPS = saved
+        T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_CONFIG = saved
     return rows
 
 

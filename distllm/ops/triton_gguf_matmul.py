@@ -5,7 +5,7 @@
 
 Design
 ------
-* Decode (M <= GEMV_MAX_M, the case that matters: memory-bound GEMV) runs ``_gemv_kernel``:
+* Decode (small M, the case that matters: memory-bound GEMV) runs ``_gemv_kernel``:
   grid (N / BLOCK_N, M), one program = BLOCK_N weight rows x one x row, walking K a few
   "units" at a time. A unit is a run of quant bytes with one layout: a Q8_0/Q4_0/Q4_1 block,
   or 64 values of a K-quant block (Q4_K: 32 nibble bytes with two 6-bit sub-scales; Q6_K: 32
@@ -13,14 +13,14 @@ Design
   byte is loaded once and gives its low and high nibble, scales are loaded once per unit, and
   the block scale is factored out of the sum (y += d * sum(x q) + m * sum(x)), so the inner
   loop is one multiply-add per value. Rows of x > 1 re-read the weight tile from L2, not DRAM.
-* Larger M (prefill, big decode batches): ``gguf_dequantize`` writes dequant(W) in x's dtype
-  (``_dequant_kernel``: one [32, 256] tile per program, per-value addressing) and cuBLAS does
-  the matmul. The transient weight costs N * K * 2 bytes of scratch per call, and the work is
-  compute-bound at that size anyway.
-* In between, ``_mma_kernel`` (tensor cores) decodes the same units into two [BLOCK_N, U * UB]
+* Mid M: ``_mma_kernel`` (tensor cores) decodes the same units into two [BLOCK_N, U * UB]
   halves and multiplies each with the x columns it belongs to (a dot product may take K in
-  any order, so nibbles need no interleaving). It is off (MMA_MAX_M = 0) until
-  ``benchmarks/bench_gguf_quant.py --sweep`` shows on a GPU where it beats the other two.
+  any order, so nibbles need no interleaving).
+* Large M (prefill, big batches): ``gguf_dequantize`` writes dequant(W) in x's dtype
+  (``_dequant_kernel``, the same unit decode) and cuBLAS does the matmul. The transient
+  weight costs N * K * 2 bytes of scratch per call; the matmul dominates at that size.
+* Which path runs for which M (and the GEMV tile per type) comes from
+  ``benchmarks/bench_gguf_quant.py --sweep`` on an H200: see GEMV_MAX_M, MMA_MAX_M, GEMV_CONFIG.
 * The launch depends only on shapes (no host sync, no data-dependent grid): CUDA-graph safe.
 * fp16 scales are assembled from two bytes, so rows need no particular alignment.
 """
@@ -51,48 +51,6 @@ def _load_f16(ptr, mask):
 @triton.jit
 def _load_u8(ptr, mask):
     return tl.load(ptr, mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _dequant_tile(w_ptr, row, k, mask, QTYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr):
-    """Weight values at rows ``row`` ([BN, 1] byte offsets) and columns ``k`` ([1, BK]) -> fp32 [BN, BK]."""
-    blk = w_ptr + row + (k // BS) * TS  # [BN, BK] address of each value's block
-    j = k % BS  # [1, BK] index inside the block
-    if QTYPE == 8:  # Q8_0: d | int8 q[32]
-        d = _load_f16(blk, mask)
-        q = tl.load(blk + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        w = q * d
-    elif QTYPE == 2:  # Q4_0: d | 16 bytes (value j: byte j % 16, nibble j // 16)
-        d = _load_f16(blk, mask)
-        q = (_load_u8(blk + 2 + j % 16, mask) >> ((j // 16) * 4)) & 0xF
-        w = d * (q - 8).to(tl.float32)
-    elif QTYPE == 3:  # Q4_1: d | m | 16 bytes as Q4_0
-        d = _load_f16(blk, mask)
-        m = _load_f16(blk + 2, mask)
-        q = (_load_u8(blk + 4 + j % 16, mask) >> ((j // 16) * 4)) & 0xF
-        w = d * q.to(tl.float32) + m
-    elif QTYPE == 12:  # Q4_K: d | dmin | 12 bytes of 6-bit (scale, min) x 8 | 128 bytes of nibbles
-        d = _load_f16(blk, mask)
-        dmin = _load_f16(blk + 2, mask)
-        s = j // 32  # sub-block 0..7
-        sl = s % 4
-        lo = _load_u8(blk + 4 + sl, mask)  # scale (s < 4) / high scale bits (s >= 4)
-        mid = _load_u8(blk + 8 + sl, mask)  # min / high min bits
-        hi = _load_u8(blk + 12 + sl, mask)  # low 4 bits of scale and min for s >= 4
-        sc = tl.where(s < 4, lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30))
-        mn = tl.where(s < 4, mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30))
-        q = (_load_u8(blk + 16 + (j // 64) * 32 + j % 32, mask) >> (s % 2 * 4)) & 0xF
-        w = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
-    else:  # Q6_K: 128 bytes low nibbles | 64 bytes high 2-bit pairs | 16 int8 scales | d
-        h = j // 128
-        i = (j // 32) % 4
-        l = j % 32
-        ql = (_load_u8(blk + h * 64 + (i % 2) * 32 + l, mask) >> (i // 2 * 4)) & 0xF
-        qh = (_load_u8(blk + 128 + h * 32 + l, mask) >> (i * 2)) & 0x3
-        sc = tl.load(blk + 192 + j // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        d = _load_f16(blk + 208, mask)
-        w = (d * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
-    return w
 
 
 @triton.jit
@@ -293,16 +251,20 @@ def _q4k_scale_min(blk, s, mask):
 @triton.jit
 def _dequant_kernel(
     w_ptr, out_ptr, N, K, stride_wn, stride_on,
-    QTYPE: tl.constexpr, BS: tl.constexpr, TS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QTYPE: tl.constexpr, TS: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNITS: tl.constexpr, UB: tl.constexpr, UV: tl.constexpr,
 ):
-    """out [N, K] (x's dtype) = dequant(W), one [BLOCK_N, BLOCK_K] tile per program."""
+    """out [N, K] (its dtype) = dequant(W): one [BLOCK_N rows, UNITS units] tile per program,
+    decoded like the matmul kernels (each byte and scale loaded once)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_n < N)[:, None] & (k < K)[None, :]
-    row = offs_n[:, None].to(tl.int64) * stride_wn
-    w = _dequant_tile(w_ptr, row, k[None, :], mask, QTYPE, BS, TS)
-    out = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + k[None, :]
-    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=mask)
+    row = (offs_n.to(tl.int64) * stride_wn)[:, None, None]
+    u = (tl.program_id(1) * UNITS + tl.arange(0, UNITS))[None, :, None]
+    l = tl.arange(0, UB)[None, None, :]
+    mask = (offs_n < N)[:, None, None] & (u < K // UV)
+    w_lo, k_lo, w_hi, k_hi = _unit_tile(w_ptr, row, u, l, mask, QTYPE, TS)
+    out = out_ptr + (offs_n.to(tl.int64) * stride_on)[:, None, None]
+    tl.store(out + k_lo, w_lo.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + k_hi, w_hi.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Unit geometry per type: (quant bytes per unit UB, values per unit UV, units per K step).
@@ -313,12 +275,15 @@ _UNITS = {
     GGMLType.Q4_K: (32, 64, 8),
     GGMLType.Q6_K: (32, 64, 8),
 }
-GEMV_MAX_M = 8  # rows of x up to which the GEMV kernel runs; above: MMA_MAX_M or dequantize + cuBLAS
-MMA_MAX_M = 0  # rows of x up to which the tensor-core kernel runs (0: never); above: dequantize + cuBLAS
+# Path by M (rows of x), from `bench_gguf_quant.py --sweep` on an H200 (N = K = 4096, bf16):
+# GEMV for M <= GEMV_MAX_M, the tensor-core kernel up to MMA_MAX_M[type], dequantize + cuBLAS above.
+GEMV_MAX_M = 4
+MMA_MAX_M = {GGMLType.Q4_0: 16, GGMLType.Q4_1: 16, GGMLType.Q4_K: 16, GGMLType.Q8_0: 0, GGMLType.Q6_K: 0}
 MMA_BLOCK = (64, 64, 64)  # (BLOCK_M, BLOCK_N, values of each half per step)
-GEMV_BLOCK_N = 8
-GEMV_WARPS = 4
-DEQUANT_BLOCK = (32, 256)  # (rows, values) of a dequantization tile
+# GEMV (BLOCK_N, num_warps) per type, fastest at M = 1 in the same sweep.
+GEMV_CONFIG = {GGMLType.Q4_0: (8, 2), GGMLType.Q4_1: (16, 8), GGMLType.Q8_0: (16, 4), GGMLType.Q4_K: (4, 2),
+               GGMLType.Q6_K: (8, 4)}
+DEQUANT_TILE = (16, 8)  # (rows, units) of a dequantization tile
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType) -> None:
@@ -343,13 +308,20 @@ def gguf_dequantize(qweight: torch.Tensor, qtype: int | str | GGMLType, k: int, 
     lay = LAYOUTS[t]
     n = qweight.shape[0]
     out = torch.empty((n, k), dtype=dtype, device=qweight.device)
-    bn, bk = DEQUANT_BLOCK
-    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    ub, uv = _half_unit(t)
+    bn, units = DEQUANT_TILE
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // uv, units))
     _dequant_kernel[grid](
         qweight, out, n, k, qweight.stride(0), out.stride(0),
-        QTYPE=int(t), BS=lay.block_size, TS=lay.type_size, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        QTYPE=int(t), TS=lay.type_size, BLOCK_N=bn, UNITS=units, UB=ub, UV=uv, num_warps=4,
     )
     return out
+
+
+def _half_unit(t: GGMLType) -> tuple[int, int]:
+    """(values in each half, values per unit) as ``_unit_tile`` decodes a unit."""
+    ub, uv, _ = _UNITS[t]
+    return (16 if t == GGMLType.Q8_0 else ub), uv  # Q8_0: a 32-byte unit splits into two 16-value halves
 
 
 def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLType) -> torch.Tensor:
@@ -360,15 +332,15 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
     n = qweight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    if m > max(GEMV_MAX_M, MMA_MAX_M):
+    mma_max = MMA_MAX_M[t] if isinstance(MMA_MAX_M, dict) else MMA_MAX_M
+    if m > max(GEMV_MAX_M, mma_max):
         return x @ gguf_dequantize(qweight, t, k, x.dtype).T
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
     if m > GEMV_MAX_M:
-        ub, uv, _ = _UNITS[t]
+        ub, uv = _half_unit(t)
         bm, bn, half = MMA_BLOCK
-        ub = 16 if t == GGMLType.Q8_0 else ub  # Q8_0 units split into two 16-value halves
         grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
         _mma_kernel[grid](
             x, qweight, y, m, n, k, x.stride(0), qweight.stride(0), y.stride(0),
@@ -377,9 +349,10 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
         )
         return y
     ub, uv, units = _UNITS[t]
-    grid = (triton.cdiv(n, GEMV_BLOCK_N), m)
+    block_n, warps = GEMV_CONFIG[t]
+    grid = (triton.cdiv(n, block_n), m)
     _gemv_kernel[grid](
         x, qweight, y, n, k, x.stride(0), qweight.stride(0), y.stride(0),
-        QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_N=GEMV_BLOCK_N, UNITS=units, UB=ub, UV=uv, num_warps=GEMV_WARPS,
+        QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_N=block_n, UNITS=units, UB=ub, UV=uv, num_warps=warps,
     )
     return y
