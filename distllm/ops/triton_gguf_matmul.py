@@ -15,7 +15,8 @@ Design
   loop is one multiply-add per value. Rows of x > 1 re-read the weight tile from L2, not DRAM.
 * Mid M: ``_mma_kernel`` (tensor cores) decodes the same units into two [BLOCK_N, U * UB]
   halves and multiplies each with the x columns it belongs to (a dot product may take K in
-  any order, so nibbles need no interleaving).
+  any order, so nibbles need no interleaving). Correct on an H200 but slower there than the
+  dequantize path, so off by default (MMA_MAX_M).
 * Large M (prefill, big batches): ``gguf_dequantize`` writes dequant(W) in x's dtype
   (``_dequant_kernel``, the same unit decode) and cuBLAS does the matmul. The transient
   weight costs N * K * 2 bytes of scratch per call; the matmul dominates at that size.
@@ -275,10 +276,13 @@ _UNITS = {
     GGMLType.Q4_K: (32, 64, 8),
     GGMLType.Q6_K: (32, 64, 8),
 }
-# Path by M (rows of x), from `bench_gguf_quant.py --sweep` on an H200 (N = K = 4096, bf16):
-# GEMV for M <= GEMV_MAX_M, the tensor-core kernel up to MMA_MAX_M[type], dequantize + cuBLAS above.
-GEMV_MAX_M = 4
-MMA_MAX_M = {GGMLType.Q4_0: 16, GGMLType.Q4_1: 16, GGMLType.Q4_K: 16, GGMLType.Q8_0: 0, GGMLType.Q6_K: 0}
+# Path by M (rows of x), from timings on an H200 (N = K = 4096, bf16 x; 2026-11-27): GEMV for
+# M <= GEMV_MAX_M[type], the tensor-core kernel up to MMA_MAX_M[type], dequantize + cuBLAS above.
+# There the dequantize path (~21-31 us + the matmul) beat the tensor-core kernel (~95-125 us at
+# M = 8..16) for every type, so the latter is off; GEMV cost grows ~13-17 us a row past M = 1.
+# Ints work too (tests and the benchmark's sweep set them).
+GEMV_MAX_M = {GGMLType.Q4_0: 4, GGMLType.Q4_1: 3, GGMLType.Q8_0: 2, GGMLType.Q4_K: 4, GGMLType.Q6_K: 4}
+MMA_MAX_M = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 0, GGMLType.Q8_0: 0, GGMLType.Q4_K: 0, GGMLType.Q6_K: 0}
 MMA_BLOCK = (64, 64, 64)  # (BLOCK_M, BLOCK_N, values of each half per step)
 # GEMV (BLOCK_N, num_warps) per type, fastest at M = 1 in the same sweep.
 GEMV_CONFIG = {GGMLType.Q4_0: (8, 2), GGMLType.Q4_1: (16, 8), GGMLType.Q8_0: (16, 4), GGMLType.Q4_K: (4, 2),
@@ -332,13 +336,14 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
     n = qweight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
+    gemv_max = GEMV_MAX_M[t] if isinstance(GEMV_MAX_M, dict) else GEMV_MAX_M
     mma_max = MMA_MAX_M[t] if isinstance(MMA_MAX_M, dict) else MMA_MAX_M
-    if m > max(GEMV_MAX_M, mma_max):
+    if m > max(gemv_max, mma_max):
         return x @ gguf_dequantize(qweight, t, k, x.dtype).T
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    if m > GEMV_MAX_M:
+    if m > gemv_max:
         ub, uv = _half_unit(t)
         bm, bn, half = MMA_BLOCK
         grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))

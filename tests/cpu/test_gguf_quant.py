@@ -91,10 +91,11 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
-# M <= GEMV_MAX_M (4): GEMV kernel; above: the tensor-core kernel up to MMA_MAX_M, else dequantize + matmul
+# M <= 4: GEMV kernel; above: the tensor-core kernel up to `mma` rows, else dequantize + matmul
 @pytest.mark.parametrize("m,mma", [(1, 0), (3, 0), (8, 0), (20, 0), (9, 64), (20, 64)])
 @pytest.mark.parametrize("n,n_blocks", [(8, 1), (13, 2), (24, 3)])
 def test_triton_kernel_matches_dequant_matmul(qtype, m, mma, n, n_blocks, monkeypatch):
+    monkeypatch.setattr(_tgm, "GEMV_MAX_M", 4)
     monkeypatch.setattr(_tgm, "MMA_MAX_M", mma)
     rng = np.random.default_rng(100 * int(qtype) + m + n)
     raw = torch.from_numpy(random_blocks(qtype, n, n_blocks, rng))
@@ -468,7 +469,7 @@ def test_tiny_mixed_types_triton_kernels_end_to_end(tiny_quant_llama, smol_gguf,
     finally:
         llm.shutdown()
     assert [list(o.outputs[0].token_ids) for o in out] == [r[:2] for r in tiny_reference]
-    assert 9 in calls and 2 in calls  # the 5 + 4 token prefill (tensor-core or dequantize path by type), a 2-sequence decode (GEMV)
+    assert 9 in calls and 2 in calls  # the 5 + 4 token prefill (dequantize + matmul), a 2-sequence decode (GEMV)
 
 
 def test_deferred_linear_weights_allocate_on_load(tp_state):
