@@ -19,6 +19,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _BACKENDS = (None, "uni", "mp", "ray")
 _RUNNERS = ("auto", "generate", "pooling")
 _POLICIES = ("fcfs", "priority")
+_QUANTIZATIONS = (None, "gguf", "dequantize")
 
 
 def parse_cpu_offload_gb(value: Any) -> float | str:
@@ -78,6 +79,8 @@ class EngineArgs:
     cpu_offload_gb: float | str = 0.0  # GiB per GPU, or "auto"
     enforce_eager: bool = False
     load_format: str = "auto"
+    # GGUF files only. None: keep quantized on CUDA ("gguf"), dequantize at load on CPU;
+    # "gguf": keep quantized (CPU uses the torch reference); "dequantize": dequantize at load.
     quantization: str | None = None
     trust_remote_code: bool = False
     runner: str = "auto"
@@ -133,8 +136,9 @@ class EngineArgs:
         )
         need(self.max_logprobs >= 0, f"max_logprobs must be >= 0, got {self.max_logprobs}.")
         need(
-            self.quantization in (None, "gguf"),
-            f"quantization must be None or 'gguf', got {self.quantization!r}.",
+            self.quantization in _QUANTIZATIONS,
+            f"quantization must be one of {_QUANTIZATIONS} (None: 'gguf' for GGUF files on CUDA, dequantize at "
+            f"load on CPU), got {self.quantization!r}.",
         )
         need(self.device in ("auto", "cpu", "cuda"), f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}.")
         need(
@@ -170,7 +174,11 @@ class EngineArgs:
                        help="GiB of layer weights per GPU kept in pinned host memory, or 'auto'")
         g.add_argument("--enforce-eager", action="store_true")
         g.add_argument("--load-format", type=str, default="auto", choices=list(_LOAD_FORMATS))
-        g.add_argument("--quantization", type=str, default=None)
+        g.add_argument(
+            "--quantization", type=str, default=None, choices=["gguf", "dequantize"],
+            help="GGUF files: 'gguf' keeps weights quantized in device memory (Triton dequantize-matmul "
+            "kernels; default on CUDA), 'dequantize' converts them to --dtype at load (default on CPU).",
+        )
         g.add_argument("--trust-remote-code", action="store_true")
         g.add_argument("--runner", type=str, default="auto", choices=list(_RUNNERS))
         g.add_argument("--max-logprobs", type=int, default=20)
@@ -234,7 +242,7 @@ class ModelConfig:
     load_format: str
     runner: str  # "generate" or "pooling"
     trust_remote_code: bool = False
-    quantization: str | None = None
+    quantization: str | None = None  # "gguf": GGUF weights kept quantized; None: dequantized (resolved)
     gguf_file: str | None = None
     revision: str | None = None
 

@@ -1,4 +1,10 @@
-"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+"""Vocab-parallel embedding and LM head: each rank holds a contiguous slice of the vocabulary.
+
+GGUF-quantized weights: the embedding is a gather, not a matmul, so a quantized
+``token_embd`` is dequantized at load (``materialize``); an untied LM head (``output.weight``)
+stays quantized (its rows are this rank's vocabulary slice, padding rows are zero blocks) and
+computes logits with ``gguf_linear``. A tied LM head shares the (float) embedding.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from torch import nn
 
 from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from distllm.layers.linear import loaded_shape, materialize, set_weight_loader
+from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -45,12 +52,32 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype | None = None):
         super().__init__(vocab_size, hidden_size, dtype)
+        self.qweight: QuantizedWeight | None = None
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        if not isinstance(loaded, GGUFQuantizedTensor):
+            return super().weight_loader(param, loaded)
+        rows, cols = loaded_shape(loaded)
+        if rows < self.vocab_size or cols != param.shape[1]:
+            raise ValueError(f"LM head shape mismatch: checkpoint {(rows, cols)}, model vocab {self.vocab_size}")
+        self.qweight = QuantizedWeight(self.per_rank, cols, param.device)
+        self.qweight.store(param, loaded[self.start : self.end], 0)
+        if self.end - self.start < self.per_rank:  # zero padding rows: all-zero blocks dequantize to 0
+            self.qweight.store(param, _zero_rows(loaded, self.per_rank - (self.end - self.start)), self.end - self.start)
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, per_rank]
+        if self.qweight is not None:
+            logits = self.qweight.matmul(hidden, self.weight)  # [N, per_rank]
+        else:
+            logits = F.linear(hidden, self.weight)  # [N, per_rank]
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)  # [N, per_rank * tp]
         return logits[..., : self.vocab_size]
+
+
+def _zero_rows(like: GGUFQuantizedTensor, rows: int) -> GGUFQuantizedTensor:
+    data = torch.zeros((rows, like.data.shape[1]), dtype=torch.uint8)
+    return GGUFQuantizedTensor(data, like.qtype, (rows, like.shape[1]))

@@ -1,7 +1,10 @@
 """Tensor-parallel linear layers. Each parameter carries its own `weight_loader`, so loading a
 shard is reading a slice of the checkpoint tensor (a safetensors slice reads only those bytes).
 
-A "loaded weight" is anything with a shape and slicing: a torch.Tensor or a safetensors slice.
+A "loaded weight" is anything with a shape and slicing: a torch.Tensor, a safetensors slice, or
+a `GGUFQuantizedTensor` (raw GGUF block rows). A layer whose weight arrives quantized keeps it
+quantized (`QuantizedWeight`: the weight parameter's data becomes the uint8 rows) and multiplies
+with `gguf_linear`; its biases stay float.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight, deferred_device
 
 
 def loaded_shape(w: Any) -> tuple[int, ...]:
@@ -20,6 +24,8 @@ def loaded_shape(w: Any) -> tuple[int, ...]:
 
 
 def materialize(w: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(w, GGUFQuantizedTensor):  # a float parameter wants it: dequantize
+        return w.dequantize().to(dtype)
     t = w if isinstance(w, torch.Tensor) else w[:]
     return t.to(dtype)
 
@@ -51,19 +57,73 @@ def divide(a: int, b: int, what: str) -> int:
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        # Quantized GGUF loads build the weight on the meta device; it gets memory when loaded.
+        self._device = deferred_device()
+        meta = {"device": "meta"} if self._device is not None else {}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, **meta), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+        # Kept outside the parameter registry (a plain attribute): loaders may still pass it in.
+        object.__setattr__(self, "_placeholder", self.weight if self._device is not None else None)
+        self.qweight: QuantizedWeight | None = None  # set when the weight is loaded GGUF-quantized
+        self._float_weight_loaded = False
+
+    def _allocate_weight(self, data: torch.Tensor) -> nn.Parameter:
+        """Swap the meta placeholder for a parameter with memory (same weight_loader)."""
+        new = nn.Parameter(data, requires_grad=False)
+        set_weight_loader(new, self._placeholder.weight_loader)
+        self.weight = new
+        return new
+
+    def _load_rows(self, param: nn.Parameter, part: Any, offset: int, rows: int) -> None:
+        """Copy `rows` loaded rows into param rows [offset, offset + rows): raw bytes when the
+        weight comes quantized (and no float shard of it came first), else as floats."""
+        if loaded_shape(part)[0] != rows:
+            raise ValueError(f"shape mismatch: expected {rows} rows from the checkpoint, got {loaded_shape(part)}")
+        if param is self._placeholder:  # callers hold the placeholder; it may have been swapped already
+            param = self.weight
+        if param is self.weight and isinstance(part, GGUFQuantizedTensor) and not self._float_weight_loaded:
+            out_rows, in_features = param.shape
+            if self.qweight is None:
+                self.qweight = QuantizedWeight(out_rows, in_features, self._device or param.device)
+            if param.is_meta:
+                param = self._allocate_weight(
+                    torch.zeros((out_rows, part.data.shape[1]), dtype=torch.uint8, device=self._device)
+                )
+            self.qweight.store(param, part, offset)
+            return
+        if param is self.weight:
+            if self.qweight is not None:
+                raise ValueError(
+                    f"a float shard arrived for a weight already stored GGUF-quantized ({self.qweight.qtypes}); "
+                    "load this model with quantization='dequantize'."
+                )
+            self._float_weight_loaded = True
+            if param.is_meta:
+                param = self._allocate_weight(torch.empty(param.shape, dtype=param.dtype, device=self._device))
+        param.data[offset : offset + rows].copy_(materialize(part, param.dtype))
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.qweight is None:
+            return F.linear(x, self.weight, bias)
+        y = self.qweight.matmul(x, self.weight)
+        return y if bias is None else y + bias
 
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, dtype)
-        set_weight_loader(self.weight, default_weight_loader)
+        set_weight_loader(self.weight, self.weight_loader)
         if self.bias is not None:
             set_weight_loader(self.bias, default_weight_loader)
 
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        shape = loaded_shape(loaded)
+        if tuple(param.shape) != shape and self.qweight is None:
+            raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {shape}")
+        self._load_rows(param, loaded, 0, param.shape[0])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -87,10 +147,10 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         n = param.shape[0]
-        param.data.copy_(materialize(_narrow(loaded, 0, self.tp_rank * n, n), param.dtype))
+        self._load_rows(param, _narrow(loaded, 0, self.tp_rank * n, n), 0, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._linear(x, self.bias)
         return tp_all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -106,8 +166,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             raise ValueError("MergedColumnParallelLinear needs the shard index of the loaded weight")
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        part = _narrow(loaded, 0, self.tp_rank * size, size)
-        param.data[offset : offset + size].copy_(materialize(part, param.dtype))
+        self._load_rows(param, _narrow(loaded, 0, self.tp_rank * size, size), offset, size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -148,7 +207,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, start = kv, (self.tp_rank // self.kv_replicas) * kv
         else:
             raise ValueError(f"QKVParallelLinear shard id must be 'q', 'k' or 'v', got {shard_id!r}")
-        param.data[offset : offset + size].copy_(materialize(_narrow(loaded, 0, start, size), param.dtype))
+        self._load_rows(param, _narrow(loaded, 0, start, size), offset, size)
 
 
 class RowParallelLinear(LinearBase):
@@ -171,11 +230,11 @@ class RowParallelLinear(LinearBase):
             set_weight_loader(self.bias, default_weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
-        n = param.shape[1]
-        param.data.copy_(materialize(_narrow(loaded, 1, self.tp_rank * n, n), param.dtype))
+        n = self.in_per_rank  # not param.shape[1]: a quantized weight's columns are bytes
+        self._load_rows(param, _narrow(loaded, 1, self.tp_rank * n, n), 0, param.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._linear(x, None)
         if self.reduce_results:
             y = tp_all_reduce(y)
         if self.bias is not None:

@@ -5,6 +5,11 @@ Tensor names are mapped to Hugging Face names and shapes, and llama.cpp's Q/K ro
 (applied by ``convert_hf_to_gguf.py`` for the ``llama`` architecture only) is undone, the same
 way ``transformers.modeling_gguf_pytorch_utils.LlamaTensorProcessor`` does.
 
+With ``keep_quantized`` (``quantization='gguf'``), ``iter_gguf_tensors`` yields the 2-D weights
+of types that have kernels (``distllm.ops.gguf_quant.SUPPORTED_QTYPES``) as
+``GGUFQuantizedTensor`` (raw block rows) instead of floats; the layers keep them quantized.
+The token embedding, norms, biases, float tensors and other quant types are dequantized as before.
+
 Supported GGUF architectures: ``llama`` (Llama 2/3, SmolLM2, Mistral), ``qwen2``, ``qwen3``.
 """
 
@@ -21,7 +26,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from distllm.layers.quantized import GGUFQuantizedTensor
 from distllm.logger import init_logger
+from distllm.ops.gguf_quant import is_supported_qtype
 
 logger = init_logger(__name__)
 
@@ -389,9 +396,16 @@ def iter_gguf_raw_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.fl
         yield t.name, _to_torch(t, dtype)
 
 
-def iter_gguf_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` for every tensor, dequantized to ``dtype``, in HF shapes.
+def _quantized(t, shape: tuple[int, ...]):
+    """The raw block rows of a quantized 2-D tensor, copied off the read-only mmap."""
+    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True).reshape(shape[0], -1))  # [rows, row_bytes]
+    return GGUFQuantizedTensor(raw, int(t.tensor_type), (shape[0], shape[1]))
+
+
+def iter_gguf_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+                      ) -> Iterator[tuple[str, Any]]:
+    """Yield ``(hf_name, tensor)`` for every tensor, dequantized to ``dtype``, in HF shapes
+    (``keep_quantized``: kernel-supported quantized matrices as ``GGUFQuantizedTensor``).
 
     ``lm_head.weight`` is only yielded when the file has ``output.weight`` (untied embeddings);
     tied models get it from ``model.embed_tokens.weight`` (``tie_word_embeddings`` in the config).
@@ -406,13 +420,20 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float3
             if t.name not in _IGNORED_TENSORS:
                 logger.warning("GGUF tensor %s has no HF counterpart; skipped", t.name)
             continue
-        tensor = _to_torch(t, torch.float32)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        quantized = (keep_quantized and len(shape) == 2 and t.name != "token_embd.weight"
+                     and is_supported_qtype(int(t.tensor_type)))
+        # Whole quantized rows permute like float rows: the row order is all the permutation touches.
+        tensor = _quantized(t, shape).data if quantized else _to_torch(t, torch.float32)
         if arch in _PERMUTED_QK_ARCHS:
             if ".attn_q." in t.name:
                 tensor = _unpermute_qk(tensor, n_heads)
             elif ".attn_k." in t.name:
                 tensor = _unpermute_qk(tensor, n_kv)
-        yield hf_name, tensor.to(dtype).contiguous()
+        if quantized:
+            yield hf_name, GGUFQuantizedTensor(tensor.contiguous(), int(t.tensor_type), shape)
+        else:
+            yield hf_name, tensor.to(dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -6,6 +6,7 @@ rank reads only the bytes of its own shard.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from distllm.config import ModelConfig
+from distllm.layers.quantized import deferred_linear_weights
 from distllm.logger import init_logger
 from distllm.models.registry import get_model_class
 
@@ -113,7 +115,13 @@ def load_model(
     t0 = time.perf_counter()
     dtype = torch_dtype(model_config.dtype)
     cls = get_model_class(model_config.architecture)
-    with torch.device(device):
+    quantized = model_config.load_format == "gguf" and model_config.quantization == "gguf"
+    if quantized and place is not None:
+        raise NotImplementedError(
+            "cpu_offload_gb with GGUF weights kept quantized is not supported yet; pass "
+            "quantization='dequantize' to offload a GGUF model, or drop cpu_offload_gb."
+        )
+    with torch.device(device), (deferred_linear_weights(device) if quantized else contextlib.nullcontext()):
         if place is None:
             model = cls(model_config.hf_config, dtype)
         else:
@@ -127,16 +135,23 @@ def load_model(
     elif fmt == "gguf":
         from distllm.models.gguf_loader import iter_gguf_tensors
 
-        model.load_weights(iter_gguf_tensors(model_config.gguf_file or model_config.model, dtype))
+        path = model_config.gguf_file or model_config.model
+        model.load_weights(iter_gguf_tensors(path, dtype, keep_quantized=quantized))
+        if quantized:
+            from distllm.layers.quantized import quantization_summary
+
+            summary = quantization_summary(model, dtype)
+            logger.info("%s", summary.describe(model_config.dtype))
+            logger.debug("GGUF-quantized layers: %s", ", ".join(summary.layers))
     elif fmt == "safetensors":
         model.load_weights(iter_safetensors(model_config.model))
     else:
         raise ValueError(f"unknown load_format {fmt!r}")
     model.eval()
-    n = sum(p.numel() for p in model.parameters())
     gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     logger.info(
-        "Loaded %s (%s, %.1fM parameters, %.2f GB %s) in %.2f s",
-        model_config.architecture, fmt, n / 1e6, gb, model_config.dtype, time.perf_counter() - t0,
+        "Loaded %s (%s%s, %.2f GB of weights, %s) in %.2f s",
+        model_config.architecture, fmt, ", kept quantized" if model_config.quantization == "gguf" else "",
+        gb, model_config.dtype, time.perf_counter() - t0,
     )
     return model

@@ -156,7 +156,18 @@ def resolve_model_source(args: "EngineArgs") -> "ModelConfig":
         load_format=load_format,
         runner=runner,
         trust_remote_code=args.trust_remote_code,
-        quantization=args.quantization,
+        quantization=_resolve_quantization(args.quantization, load_format, on_gpu),
         gguf_file=gguf_file,
         revision=args.revision,
     )
+
+
+def _resolve_quantization(requested: str | None, load_format: str, on_gpu: bool) -> str | None:
+    """'gguf' (keep GGUF weights quantized) or None (dequantize at load / not quantized)."""
+    if requested == "dequantize":
+        return None
+    if requested == "gguf":
+        if load_format != "gguf":
+            raise ValueError(f"quantization='gguf' needs a GGUF model file, got load_format={load_format!r}.")
+        return "gguf"
+    return "gguf" if load_format == "gguf" and on_gpu else None

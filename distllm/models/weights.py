@@ -36,7 +36,7 @@ def load_named_weights(
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no matching parameter {target!r}")
                 p = params[target]
-                p.weight_loader(p, w, shard)
+                _call_loader(name, p.weight_loader, p, w, shard)
                 loaded.add(f"{target}:{shard}")
                 loaded.add(target)
                 break
@@ -44,7 +44,7 @@ def load_named_weights(
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} does not belong to {type(model).__name__}")
             p = params[name]
-            getattr(p, "weight_loader", default_weight_loader)(p, w)
+            _call_loader(name, getattr(p, "weight_loader", default_weight_loader), p, w)
             loaded.add(name)
     tied = {n for n, p in params.items() if n.endswith(skip_suffixes)}
     missing = sorted(n for n in params if n not in loaded and n not in tied)
@@ -52,3 +52,11 @@ def load_named_weights(
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"the checkpoint lacks {len(missing)} weights of {type(model).__name__}: {shown}")
     return loaded
+
+
+def _call_loader(name: str, loader: Any, *args: Any) -> None:
+    """Run a weight loader; its ValueError (shape, sharding) gets the checkpoint tensor's name."""
+    try:
+        loader(*args)
+    except ValueError as e:
+        raise ValueError(f"loading {name!r}: {e}") from None

@@ -1,0 +1,363 @@
+"""Triton kernels for GGUF block-quantized weights: y = x @ dequant(W).T.
+
+    gguf_matmul(x [M, K] fp32/fp16/bf16, qweight uint8 [N, K / bs * ts] (row stride may exceed
+                the row's bytes), qtype) -> y [M, N] in x's dtype, fp32 accumulation.
+
+Design
+------
+* Decode (small M, the case that matters: memory-bound GEMV) runs ``_gemv_kernel``:
+  grid (N / BLOCK_N, M), one program = BLOCK_N weight rows x one x row, walking K a few
+  "units" at a time. A unit is a run of quant bytes with one layout: a Q8_0/Q4_0/Q4_1 block,
+  or 64 values of a K-quant block (Q4_K: 32 nibble bytes with two 6-bit sub-scales; Q6_K: 32
+  low-nibble bytes + the 32 bytes of high bits). Tiles are [BLOCK_N, units, bytes]: each quant
+  byte is loaded once and gives its low and high nibble, scales are loaded once per unit, and
+  the block scale is factored out of the sum (y += d * sum(x q) + m * sum(x)), so the inner
+  loop is one multiply-add per value. Rows of x > 1 re-read the weight tile from L2, not DRAM.
+* Mid M: ``_mma_kernel`` (tensor cores) decodes the same units into two [BLOCK_N, U * UB]
+  halves and multiplies each with the x columns it belongs to (a dot product may take K in
+  any order, so nibbles need no interleaving). Correct on an H200 but slower there than the
+  dequantize path, so off by default (MMA_MAX_M).
+* Large M (prefill, big batches): ``gguf_dequantize`` writes dequant(W) in x's dtype
+  (``_dequant_kernel``, the same unit decode) and cuBLAS does the matmul. The transient
+  weight costs N * K * 2 bytes of scratch per call; the matmul dominates at that size.
+* Which path runs for which M (and the GEMV tile per type) comes from
+  ``benchmarks/bench_gguf_quant.py --sweep`` on an H200: see GEMV_MAX_M, MMA_MAX_M, GEMV_CONFIG.
+* The launch depends only on shapes (no host sync, no data-dependent grid): CUDA-graph safe.
+* fp16 scales are assembled from two bytes, so rows need no particular alignment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from distllm.ops.gguf_quant import LAYOUTS, GGMLType, ggml_type
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # its bf16 tl.dot is unreliable: fp32 there
+# The kernels branch on the GGML type id (a constexpr): Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14.
+
+
+@triton.jit
+def _load_f16(ptr, mask):
+    """fp16 stored little-endian at byte addresses ``ptr`` -> fp32."""
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _load_u8(ptr, mask):
+    return tl.load(ptr, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, K,
+    stride_xm, stride_wn, stride_ym,
+    QTYPE: tl.constexpr, TS: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNITS: tl.constexpr, UB: tl.constexpr, UV: tl.constexpr,
+):
+    """y[m, n-tile] for one x row m: a unit is UB quant bytes holding UV values (module docstring)."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = (offs_n.to(tl.int64) * stride_wn)[:, None, None]  # [BN, 1, 1] byte offset of each row
+    mask_n = (offs_n < N)[:, None, None]
+    l = tl.arange(0, UB)[None, None, :]  # [1, 1, UB] byte inside a unit
+    x_row = x_ptr + m * stride_xm
+    n_units = K // UV
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for u0 in range(0, n_units, UNITS):
+        u = (u0 + tl.arange(0, UNITS))[None, :, None]  # [1, U, 1] unit index along the row
+        mask_u = u < n_units
+        mask = mask_n & mask_u
+        if QTYPE == 8:  # Q8_0: unit = block; y += d * sum(x q)
+            base = w_ptr + row + u * TS
+            d = _load_f16(base, mask)  # [BN, U, 1]
+            q = tl.load(base + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            x = tl.load(x_row + u * 32 + l, mask=mask_u, other=0.0).to(tl.float32)  # [1, U, UB]
+            part = d * tl.sum(q * x, axis=2, keep_dims=True)
+        elif QTYPE == 2 or QTYPE == 3:  # Q4_0 / Q4_1: unit = block, low nibbles = values 0..15
+            base = w_ptr + row + u * TS
+            d = _load_f16(base, mask)
+            if QTYPE == 2:
+                qb = _load_u8(base + 2 + l, mask)  # [BN, U, 16]
+            else:
+                qb = _load_u8(base + 4 + l, mask)
+            x_lo = tl.load(x_row + u * 32 + l, mask=mask_u, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + u * 32 + 16 + l, mask=mask_u, other=0.0).to(tl.float32)
+            dot = tl.sum((qb & 0xF).to(tl.float32) * x_lo + (qb >> 4).to(tl.float32) * x_hi, axis=2, keep_dims=True)
+            sx = tl.sum(x_lo + x_hi, axis=2, keep_dims=True)  # [1, U, 1]
+            if QTYPE == 2:  # w = d (q - 8)
+                part = d * (dot - 8.0 * sx)
+            else:  # w = d q + m
+                part = d * dot + _load_f16(base + 2, mask) * sx
+        elif QTYPE == 12:  # Q4_K: unit = 64 values g of a block: 32 bytes, sub-blocks 2g (low) and 2g + 1
+            g = u % 4
+            blk = w_ptr + row + (u // 4) * TS
+            d = _load_f16(blk, mask)
+            dmin = _load_f16(blk + 2, mask)
+            sc_lo, mn_lo = _q4k_scale_min(blk, 2 * g, mask)
+            sc_hi, mn_hi = _q4k_scale_min(blk, 2 * g + 1, mask)
+            qb = _load_u8(blk + 16 + g * 32 + l, mask)  # [BN, U, 32]
+            k_lo = (u // 4) * 256 + g * 64 + l
+            x_lo = tl.load(x_row + k_lo, mask=mask_u, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + k_lo + 32, mask=mask_u, other=0.0).to(tl.float32)
+            dot_lo = tl.sum((qb & 0xF).to(tl.float32) * x_lo, axis=2, keep_dims=True)
+            dot_hi = tl.sum((qb >> 4).to(tl.float32) * x_hi, axis=2, keep_dims=True)
+            sx_lo = tl.sum(x_lo, axis=2, keep_dims=True)
+            sx_hi = tl.sum(x_hi, axis=2, keep_dims=True)
+            part = d * (sc_lo * dot_lo + sc_hi * dot_hi) - dmin * (mn_lo * sx_lo + mn_hi * sx_hi)
+        else:  # Q6_K: unit c = (half h, i2) of a block: 32 low-nibble bytes for values 32 i2 + l and 32 (i2 + 2) + l of the half
+            c = u % 4
+            h = c // 2
+            i2 = c % 2
+            blk = w_ptr + row + (u // 4) * TS
+            qlb = _load_u8(blk + h * 64 + i2 * 32 + l, mask)  # [BN, U, 32]
+            qhb = _load_u8(blk + 128 + h * 32 + l, mask)
+            q_lo = ((qlb & 0xF) | (((qhb >> (2 * i2)) & 3) << 4)) - 32
+            q_hi = ((qlb >> 4) | (((qhb >> (2 * i2 + 4)) & 3) << 4)) - 32
+            v_lo = h * 128 + i2 * 32 + l  # value index inside the block
+            sc_lo = tl.load(blk + 192 + v_lo // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            sc_hi = tl.load(blk + 192 + (v_lo + 64) // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+            k_lo = (u // 4) * 256 + v_lo
+            x_lo = tl.load(x_row + k_lo, mask=mask_u, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_row + k_lo + 64, mask=mask_u, other=0.0).to(tl.float32)
+            d = _load_f16(blk + 208, mask)
+            part = d * tl.sum(sc_lo * q_lo.to(tl.float32) * x_lo + sc_hi * q_hi.to(tl.float32) * x_hi, axis=2, keep_dims=True)
+        acc += tl.sum(tl.sum(part, axis=2), axis=1)
+    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _unit_tile(w_ptr, row, u, l, mask, QTYPE: tl.constexpr, TS: tl.constexpr):
+    """Weights of units ``u`` ([1, U, 1]) in rows ``row`` ([BN, 1, 1]), as two fp32 halves
+    [BN, U, UB] with the value indices they multiply ([1, U, UB] each): (w_lo, k_lo, w_hi, k_hi).
+    Q8_0 halves are the block's first and last 16 values; 4-bit types: low and high nibbles."""
+    if QTYPE == 8:  # UB = 16
+        base = w_ptr + row + u * TS
+        d = _load_f16(base, mask)
+        q_lo = tl.load(base + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        q_hi = tl.load(base + 18 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        k_lo = u * 32 + l
+        w_lo = q_lo * d
+        w_hi = q_hi * d
+        k_hi = k_lo + 16
+    elif QTYPE == 2 or QTYPE == 3:  # UB = 16
+        base = w_ptr + row + u * TS
+        d = _load_f16(base, mask)
+        k_lo = u * 32 + l
+        k_hi = k_lo + 16
+        if QTYPE == 2:
+            qb = _load_u8(base + 2 + l, mask)
+            w_lo = d * ((qb & 0xF) - 8).to(tl.float32)
+            w_hi = d * ((qb >> 4) - 8).to(tl.float32)
+        else:
+            qb = _load_u8(base + 4 + l, mask)
+            m = _load_f16(base + 2, mask)
+            w_lo = d * (qb & 0xF).to(tl.float32) + m
+            w_hi = d * (qb >> 4).to(tl.float32) + m
+    elif QTYPE == 12:  # UB = 32
+        g = u % 4
+        blk = w_ptr + row + (u // 4) * TS
+        d = _load_f16(blk, mask)
+        dmin = _load_f16(blk + 2, mask)
+        sc_lo, mn_lo = _q4k_scale_min(blk, 2 * g, mask)
+        sc_hi, mn_hi = _q4k_scale_min(blk, 2 * g + 1, mask)
+        qb = _load_u8(blk + 16 + g * 32 + l, mask)
+        w_lo = (d * sc_lo) * (qb & 0xF).to(tl.float32) - dmin * mn_lo
+        w_hi = (d * sc_hi) * (qb >> 4).to(tl.float32) - dmin * mn_hi
+        k_lo = (u // 4) * 256 + g * 64 + l
+        k_hi = k_lo + 32
+    else:  # Q6_K, UB = 32
+        c = u % 4
+        h = c // 2
+        i2 = c % 2
+        blk = w_ptr + row + (u // 4) * TS
+        qlb = _load_u8(blk + h * 64 + i2 * 32 + l, mask)
+        qhb = _load_u8(blk + 128 + h * 32 + l, mask)
+        q_lo = ((qlb & 0xF) | (((qhb >> (2 * i2)) & 3) << 4)) - 32
+        q_hi = ((qlb >> 4) | (((qhb >> (2 * i2 + 4)) & 3) << 4)) - 32
+        v_lo = h * 128 + i2 * 32 + l
+        sc_lo = tl.load(blk + 192 + v_lo // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc_hi = tl.load(blk + 192 + (v_lo + 64) // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _load_f16(blk + 208, mask)
+        w_lo = (d * sc_lo) * q_lo.to(tl.float32)
+        w_hi = (d * sc_hi) * q_hi.to(tl.float32)
+        k_lo = (u // 4) * 256 + v_lo
+        k_hi = k_lo + 64
+    return w_lo, k_lo, w_hi, k_hi
+
+
+@triton.jit
+def _mma_kernel(
+    x_ptr, w_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    QTYPE: tl.constexpr, TS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNITS: tl.constexpr, UB: tl.constexpr, UV: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    """y tile [BLOCK_M, BLOCK_N] with tensor cores: each step decodes UNITS units of BLOCK_N rows
+    into two [BLOCK_N, UNITS * UB] halves and multiplies each with the x columns it belongs to
+    (the order of K inside a dot product is free, so no interleaving is needed)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = (offs_n.to(tl.int64) * stride_wn)[:, None, None]
+    mask_n = (offs_n < N)[:, None, None]
+    mask_m = (offs_m < M)[:, None]
+    l = tl.arange(0, UB)[None, None, :]
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BM, 1]
+    n_units = K // UV
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for u0 in range(0, n_units, UNITS):
+        u = (u0 + tl.arange(0, UNITS))[None, :, None]
+        mask_u = u < n_units
+        w_lo, k_lo, w_hi, k_hi = _unit_tile(w_ptr, row, u, l, mask_n & mask_u, QTYPE, TS)
+        k_lo = tl.reshape(k_lo, (1, UNITS * UB))  # [1, U * UB]
+        k_hi = tl.reshape(k_hi, (1, UNITS * UB))
+        x_lo = tl.load(x_rows + k_lo, mask=mask_m & (k_lo < K), other=0.0)  # [BM, U * UB]
+        x_hi = tl.load(x_rows + k_hi, mask=mask_m & (k_hi < K), other=0.0)
+        w_lo = tl.reshape(w_lo, (BLOCK_N, UNITS * UB))
+        w_hi = tl.reshape(w_hi, (BLOCK_N, UNITS * UB))
+        if DOT_F32:
+            acc += tl.dot(x_lo.to(tl.float32), tl.trans(w_lo), input_precision="ieee")
+            acc += tl.dot(x_hi.to(tl.float32), tl.trans(w_hi), input_precision="ieee")
+        else:
+            acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)))
+            acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)))
+    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _q4k_scale_min(blk, s, mask):
+    """6-bit (scale, min) of sub-block s (0..7) of Q4_K blocks at ``blk`` -> fp32."""
+    sl = s % 4
+    lo = _load_u8(blk + 4 + sl, mask)
+    mid = _load_u8(blk + 8 + sl, mask)
+    hi = _load_u8(blk + 12 + sl, mask)
+    sc = tl.where(s < 4, lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30))
+    mn = tl.where(s < 4, mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _dequant_kernel(
+    w_ptr, out_ptr, N, K, stride_wn, stride_on,
+    QTYPE: tl.constexpr, TS: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNITS: tl.constexpr, UB: tl.constexpr, UV: tl.constexpr,
+):
+    """out [N, K] (its dtype) = dequant(W): one [BLOCK_N rows, UNITS units] tile per program,
+    decoded like the matmul kernels (each byte and scale loaded once)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = (offs_n.to(tl.int64) * stride_wn)[:, None, None]
+    u = (tl.program_id(1) * UNITS + tl.arange(0, UNITS))[None, :, None]
+    l = tl.arange(0, UB)[None, None, :]
+    mask = (offs_n < N)[:, None, None] & (u < K // UV)
+    w_lo, k_lo, w_hi, k_hi = _unit_tile(w_ptr, row, u, l, mask, QTYPE, TS)
+    out = out_ptr + (offs_n.to(tl.int64) * stride_on)[:, None, None]
+    tl.store(out + k_lo, w_lo.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + k_hi, w_hi.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Unit geometry per type: (quant bytes per unit UB, values per unit UV, units per K step).
+_UNITS = {
+    GGMLType.Q8_0: (32, 32, 8),
+    GGMLType.Q4_0: (16, 32, 16),
+    GGMLType.Q4_1: (16, 32, 16),
+    GGMLType.Q4_K: (32, 64, 8),
+    GGMLType.Q6_K: (32, 64, 8),
+}
+# Path by M (rows of x), from timings on an H200 (N = K = 4096, bf16 x; 2026-11-27): GEMV for
+# M <= GEMV_MAX_M[type], the tensor-core kernel up to MMA_MAX_M[type], dequantize + cuBLAS above.
+# There the dequantize path (~21-31 us + the matmul) beat the tensor-core kernel (~95-125 us at
+# M = 8..16) for every type, so the latter is off; GEMV cost grows ~13-17 us a row past M = 1.
+# Ints work too (tests and the benchmark's sweep set them).
+GEMV_MAX_M = {GGMLType.Q4_0: 4, GGMLType.Q4_1: 3, GGMLType.Q8_0: 2, GGMLType.Q4_K: 4, GGMLType.Q6_K: 4}
+MMA_MAX_M = {GGMLType.Q4_0: 0, GGMLType.Q4_1: 0, GGMLType.Q8_0: 0, GGMLType.Q4_K: 0, GGMLType.Q6_K: 0}
+MMA_BLOCK = (64, 64, 64)  # (BLOCK_M, BLOCK_N, values of each half per step)
+# GEMV (BLOCK_N, num_warps) per type, fastest at M = 1 in the same sweep.
+GEMV_CONFIG = {GGMLType.Q4_0: (8, 2), GGMLType.Q4_1: (16, 8), GGMLType.Q8_0: (16, 4), GGMLType.Q4_K: (4, 2),
+               GGMLType.Q6_K: (8, 4)}
+DEQUANT_TILE = (16, 8)  # (rows, units) of a dequantization tile
+
+
+def _check(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType) -> None:
+    lay = LAYOUTS[t]
+    if x.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.uint8:
+        raise ValueError(
+            f"expected x [M, K] and uint8 qweight [N, bytes], got {tuple(x.shape)}, {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    k = x.shape[1]
+    if k % lay.block_size or qweight.shape[1] != k // lay.block_size * lay.type_size:
+        raise ValueError(
+            f"{t.name}: x has K={k} but the weight rows hold {qweight.shape[1]} bytes "
+            f"({k // lay.block_size * lay.type_size} expected; K must be a multiple of {lay.block_size})."
+        )
+    if qweight.stride(1) != 1:
+        raise ValueError("quantized weight rows must be contiguous bytes (stride 1 along a row).")
+
+
+def gguf_dequantize(qweight: torch.Tensor, qtype: int | str | GGMLType, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """dequant(W) [N, K] in ``dtype`` (Triton; same values as ``dequantize_ref`` rounded to dtype)."""
+    t = ggml_type(qtype)
+    lay = LAYOUTS[t]
+    n = qweight.shape[0]
+    out = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    ub, uv = _half_unit(t)
+    bn, units = DEQUANT_TILE
+    grid = (triton.cdiv(n, bn), triton.cdiv(k // uv, units))
+    _dequant_kernel[grid](
+        qweight, out, n, k, qweight.stride(0), out.stride(0),
+        QTYPE=int(t), TS=lay.type_size, BLOCK_N=bn, UNITS=units, UB=ub, UV=uv, num_warps=4,
+    )
+    return out
+
+
+def _half_unit(t: GGMLType) -> tuple[int, int]:
+    """(values in each half, values per unit) as ``_unit_tile`` decodes a unit."""
+    ub, uv, _ = _UNITS[t]
+    return (16 if t == GGMLType.Q8_0 else ub), uv  # Q8_0: a 32-byte unit splits into two 16-value halves
+
+
+def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLType) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(qweight).T; see the module docstring."""
+    t = ggml_type(qtype)
+    _check(x, qweight, t)
+    m, k = x.shape
+    n = qweight.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    gemv_max = GEMV_MAX_M[t] if isinstance(GEMV_MAX_M, dict) else GEMV_MAX_M
+    mma_max = MMA_MAX_M[t] if isinstance(MMA_MAX_M, dict) else MMA_MAX_M
+    if m > max(gemv_max, mma_max):
+        return x @ gguf_dequantize(qweight, t, k, x.dtype).T
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    if m > gemv_max:
+        ub, uv = _half_unit(t)
+        bm, bn, half = MMA_BLOCK
+        grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+        _mma_kernel[grid](
+            x, qweight, y, m, n, k, x.stride(0), qweight.stride(0), y.stride(0),
+            QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_M=bm, BLOCK_N=bn, UNITS=max(1, half // ub), UB=ub, UV=uv,
+            DOT_F32=x.dtype == torch.float32 or _INTERPRET, num_warps=4,
+        )
+        return y
+    ub, uv, units = _UNITS[t]
+    block_n, warps = GEMV_CONFIG[t]
+    grid = (triton.cdiv(n, block_n), m)
+    _gemv_kernel[grid](
+        x, qweight, y, n, k, x.stride(0), qweight.stride(0), y.stride(0),
+        QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_N=block_n, UNITS=units, UB=ub, UV=uv, num_warps=warps,
+    )
+    return y
