@@ -42,6 +42,8 @@ from distllm.logger import init_logger
 logger = init_logger(__name__)
 
 ENV_DISABLE = "DISTLLM_DISABLE_CUSTOM_ALLREDUCE"
+# Opt-in for the engine until the path has been validated on GPUs (see benchmarks/README.md).
+ENV_ENABLE = "DISTLLM_CUSTOM_ALLREDUCE"
 ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -364,6 +366,9 @@ def enable_for_tp(device: torch.device) -> bool:
     from distllm.distributed import parallel_state as ps
 
     if ps.get_tp_size() == 1:
+        return False
+    if not _env_flag(os.environ, ENV_ENABLE):
+        logger.info("custom all-reduce off (NCCL all-reduce only): opt in with %s=1", ENV_ENABLE)
         return False
     car = init_custom_all_reduce(ps.get_tp_group(), ps.get_tp_rank(), ps.get_tp_size(), device)
     ps.set_custom_all_reduce(car)
