@@ -152,7 +152,7 @@ def test_auto_offloads_only_when_squeezed(model_dir, reference):
     from distllm.config import EngineArgs
     from distllm.worker.offload import _headroom_bytes
 
-    cfg = EngineArgs(model=model_dir, device="cuda", max_model_len=1024, max_num_seqs=8,
+    cfg = EngineArgs(model=model_dir, device="cuda", dtype="float32", max_model_len=1024, max_num_seqs=8,
                      max_num_batched_tokens=1024).create_engine_config()
     weights = LAYERS * LAYER_BYTES + 2 * VOCAB * H * 4 + H * 4
     kv = 1024 // 16 * 2 * LAYERS * 16 * KV_HEADS * (H // HEADS) * 4
