@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 from distllm.config import EngineArgs, EngineConfig
@@ -20,21 +21,33 @@ from distllm.params import PoolingParams, SamplingParams
 logger = init_logger(__name__)
 
 
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config.model_config)
-        t_tok = time.perf_counter()
-        self.input_processor = InputProcessor(config, self.tokenizer)
-        self.executor = create_executor(config)
         self.dead_error: str | None = None
-        try:
-            num_blocks = self.executor.start()
-        except BaseException:
-            self.executor.shutdown()
-            raise
+        # The tokenizer (mostly the import of transformers) loads in a thread while the workers
+        # load weights, profile memory and capture graphs: seconds off every cold start.
+        import safetensors  # noqa: F401 - imported here first, so the two threads never race on it
+        import torch  # noqa: F401
+
+        with ThreadPoolExecutor(1, thread_name_prefix="distllm-tokenizer") as pool:
+            tok_future = pool.submit(_timed, load_tokenizer, config.model_config)
+            self.executor = create_executor(config)
+            try:
+                num_blocks = self.executor.start()
+                self.tokenizer, tok_s = tok_future.result()
+                self.input_processor = InputProcessor(config, self.tokenizer)
+            except BaseException:
+                self.executor.shutdown()
+                raise
         config.cache_config.num_blocks = num_blocks
         sc = config.scheduler_config
         self.scheduler = Scheduler(
@@ -60,8 +73,9 @@ class LLMEngine:
         gc.collect()
         gc.freeze()
         logger.info(
-            "Engine ready in %.2f s (tokenizer %.2f s): %s, max_model_len %d, %d KV blocks of %d tokens, executor %s",
-            time.perf_counter() - t0, t_tok - t0, config.model_config.architecture, sc.max_model_len,
+            "Engine ready in %.2f s (tokenizer %.2f s, beside the workers' start): %s, max_model_len %d, "
+            "%d KV blocks of %d tokens, executor %s",
+            time.perf_counter() - t0, tok_s, config.model_config.architecture, sc.max_model_len,
             num_blocks, config.cache_config.block_size, config.parallel_config.distributed_executor_backend,
         )
 
