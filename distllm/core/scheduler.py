@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from distllm.core.block_manager import BlockManager
-from distllm.core.plan import CachedRequestData, NewRequestData, StepPlan, StepResult
+from distllm.core.plan import NewRequestData, StepPlan, StepResult
 from distllm.core.request import EngineCoreOutput, Request, RequestStatus
 
 
@@ -282,13 +282,11 @@ class Scheduler:
                 )
                 self._worker_known.add(rid)
             else:
-                plan.cached_requests.append(
-                    CachedRequestData(
-                        req_id=rid,
-                        new_token_ids=req.token_ids_from(req.num_tokens_sent),
-                        new_block_ids=req.block_ids[req.num_blocks_sent :],
-                        num_computed_tokens=req.num_computed_tokens,
-                    )
+                plan.cached_requests.add(
+                    rid,
+                    req.token_ids_from(req.num_tokens_sent) if req.num_tokens_sent < req.num_tokens else (),
+                    req.block_ids[req.num_blocks_sent :] if req.num_blocks_sent < len(req.block_ids) else (),
+                    req.num_computed_tokens,
                 )
             req.num_tokens_sent = req.num_tokens
             req.num_blocks_sent = len(req.block_ids)

@@ -207,15 +207,24 @@ class ModelRunner:
             self._drop(rid)
         for r in plan.new_requests:
             self._add_request(r)
-        for c in plan.cached_requests:
-            st = self.states[c.req_id]
-            st.token_ids.extend(c.new_token_ids)
-            if st.sampling is not None:
-                st.sampling.output_token_ids.extend(c.new_token_ids)
-            if c.new_block_ids:
-                st.block_ids.extend(c.new_block_ids)
-                self.block_tables.append(st.row, c.new_block_ids)
-            st.num_computed_tokens = c.num_computed_tokens
+        cr = plan.cached_requests
+        states = self.states
+        toks, blks = cr.new_token_ids, cr.new_block_ids
+        t = b = 0
+        for rid, nc, kt, kb in zip(cr.req_ids, cr.num_computed_tokens, cr.new_token_counts, cr.new_block_counts):
+            st = states[rid]
+            if kt:
+                new = toks[t : t + kt]
+                t += kt
+                st.token_ids.extend(new)
+                if st.sampling is not None:
+                    st.sampling.output_token_ids.extend(new)
+            if kb:
+                new = blks[b : b + kb]
+                b += kb
+                st.block_ids.extend(new)
+                self.block_tables.append(st.row, new)
+            st.num_computed_tokens = nc
 
     # ---- one step ---------------------------------------------------------------------------
 
