@@ -158,7 +158,14 @@ class LLMEngine:
         self.output_processor.abort_requests(ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self.output_processor.has_unfinished_requests()
+        # A launched step not collected yet counts: its result must be taken off the workers'
+        # socket now, not after an idle spell longer than worker_timeout_s.
+        return (
+            self._inflight is not None
+            or bool(self._pending)
+            or self.scheduler.has_unfinished_requests()
+            or self.output_processor.has_unfinished_requests()
+        )
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.get_num_unfinished_requests()

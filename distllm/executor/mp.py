@@ -125,6 +125,12 @@ class TransportExecutor(Executor):
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                try:
+                    r = self.channel.recv_result(0.0)  # it may have come while nobody was waiting
+                except WorkerError as e:
+                    self._die(str(e))
+                if r is not None and r[0] == plan.step_id:
+                    return decode_result(r[1])
                 self._check_or_die()
                 self._die(f"no result for step {plan.step_id} within worker_timeout_s={timeout:g} s")
             try:

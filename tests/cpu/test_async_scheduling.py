@@ -89,3 +89,28 @@ def test_penalties_and_stop_strings_stay_correct(tiny_models, smol_tokenizer):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             assert a.outputs[0].text == b.outputs[0].text
             assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+
+
+def test_idle_engine_with_a_step_in_flight_survives_worker_timeout(tiny_models):
+    """A step may still be in flight when the caller stops stepping (its request already
+    finished); its result waits on the socket past worker_timeout_s and must still be taken."""
+    import time
+
+    from distllm import EngineArgs, LLMEngine
+
+    eng = LLMEngine.from_engine_args(EngineArgs(
+        model=tiny_models["llama"], device="cpu", distributed_executor_backend="mp", worker_timeout_s=1.0,
+    ))
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        for rid in ("a", "b"):
+            eng.add_request(rid, {"prompt_token_ids": _prompts(1)[0]}, sp)
+            done = False
+            while not done:
+                done = any(o.finished and o.request_id == rid for o in eng.step())
+            time.sleep(1.5)  # idle longer than worker_timeout_s, maybe with a plan in flight
+        while eng.has_unfinished_requests():
+            eng.step()
+        assert eng.dead_error is None
+    finally:
+        eng.shutdown()
