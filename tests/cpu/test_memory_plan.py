@@ -18,6 +18,7 @@ from distllm.worker.memory_plan import (
     DecoderShape,
     buffer_bytes,
     count_weights,
+    fmt_bytes,
     largest_max_model_len,
     offload_needed_gb,
     plan_memory,
@@ -221,12 +222,28 @@ def test_cli_offload_column(tiny_models, capsys, no_weights):
 
 
 def test_cli_default_model(capsys, no_weights):
-    rc, out, err = _run_cli(["plan", "--gpu-memory-gb", "24"], capsys)
+    rc, out, err = _run_cli(["plan", "--gpu-memory-gb", "24", "--quantization", "dequantize"], capsys)
     assert rc == 0, err
     p = _smol_plan(24)
     assert "SmolLM2" in out and "bfloat16, tp=1" in out
     assert str(p.num_blocks) in out and "256.6 MiB" in out  # 134.5M parameters in bf16
-    assert "GGUF:" in out and "Q4_1" in out
+    assert "GGUF:" in out and "Q4_1" in out and "counts them dequantized" in out
+
+
+def test_cli_default_model_kept_quantized(capsys, no_weights):
+    """On GPUs GGUF weights stay quantized: SmolLM2's 210 linear weights are Q4_1 (20 bytes per 32
+    weights); the Q8_0 token embedding is dequantized to bf16, norms too."""
+    from dataclasses import replace
+
+    rc, out, err = _run_cli(["plan", "--gpu-memory-gb", "24"], capsys)
+    assert rc == 0, err
+    h, q, kv, inter, layers, vocab = 576, 576, 3 * 64, 1536, 30, 49152
+    linear = h * q + 2 * h * kv + q * h + 3 * h * inter
+    norms = layers * 2 * h + h
+    weights = layers * linear // 32 * 20 + vocab * h * 2 + norms * 2
+    p = replace(_smol_plan(24), weight_bytes=weights)
+    assert "kept quantized" in out and fmt_bytes(weights) in out
+    assert str(p.num_blocks) in out and str(p.num_blocks) != str(_smol_plan(24).num_blocks)
 
 
 def test_cli_without_gpu_memory_and_no_gpu(capsys, monkeypatch, no_weights):
@@ -239,3 +256,19 @@ def test_cli_without_gpu_memory_and_no_gpu(capsys, monkeypatch, no_weights):
 def test_detect_respects_hidden_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert plan_cli.detect_gpu_memory_bytes() is None
+
+
+def test_cli_offload_auto(capsys, no_weights):
+    rc, out, err = _run_cli(["plan", "--gpu-memory-gb", "1", "--quantization", "dequantize", "--cpu-offload-gb", "auto",
+                             "--max-model-len", "8192"], capsys)
+    assert rc == 0, err
+    g = offload_needed_gb(_smol_plan(1.0, max_model_len=8192))
+    assert g is not None and g > 0
+    assert f"cpu_offload_gb=auto: {g:g} GiB" in out and "offloaded to CPU" in out
+    rc, out, err = _run_cli(["plan", "--gpu-memory-gb", "24", "--cpu-offload-gb", "auto"], capsys)
+    assert rc == 0, err
+    assert "cpu_offload_gb=auto: 0 GiB" in out
+    import argparse
+
+    with pytest.raises((SystemExit, argparse.ArgumentError), match="cpu_offload_gb|2"):
+        _run_cli(["plan", "--gpu-memory-gb", "1", "--cpu-offload-gb", "lots"], capsys)
