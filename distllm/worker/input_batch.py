@@ -27,12 +27,11 @@ class CachedRequestState:
     req_id: str
     token_ids: list[int]  # prompt + every output token the driver has accepted
     num_prompt_tokens: int
-    block_ids: list[int]
     num_computed_tokens: int
     sampling: Any = None  # distllm.layers.sampler.SamplingState for generation
     pooling: dict[str, Any] | None = None
     prompt_logprobs: int | None = None
-    row: int = -1  # this request's row in the BlockTableHost
+    row: int = -1  # this request's row in the BlockTableHost (which holds its block ids)
 
 
 class BlockTableHost:

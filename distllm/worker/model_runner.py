@@ -187,7 +187,6 @@ class ModelRunner:
             req_id=r.req_id,
             token_ids=tokens,
             num_prompt_tokens=len(r.prompt_token_ids),
-            block_ids=list(r.block_ids),
             num_computed_tokens=r.num_computed_tokens,
             sampling=sampling,
             pooling=r.pooling,
@@ -222,7 +221,6 @@ class ModelRunner:
             if kb:
                 new = blks[b : b + kb]
                 b += kb
-                st.block_ids.extend(new)
                 self.block_tables.append(st.row, new)
             st.num_computed_tokens = nc
 
