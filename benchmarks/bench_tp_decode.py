@@ -68,11 +68,11 @@ def param_bytes(cfg: dict) -> int:
     return 2 * (L * per_layer + v * h)  # bf16; the embedding read is one row, the LM head is all of it
 
 
-def bench(folder: str, tp: int, backend: str, tokens: int, enforce_eager: bool) -> float:
+def bench(folder: str, tp: int, backend: str, tokens: int, enforce_eager: bool, nccl_only: bool = False) -> float:
     from distllm import LLM, SamplingParams
 
     llm = LLM(model=folder, load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
-              distributed_executor_backend=backend, max_model_len=2048,
+              distributed_executor_backend=backend, max_model_len=2048, disable_custom_all_reduce=nccl_only,
               num_gpu_blocks_override=256, max_num_seqs=1, enforce_eager=enforce_eager)
     prompt = [{"prompt_token_ids": [1] + list(range(100, 131))}]
 
@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--model-shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--all-reduce", default="custom", choices=["custom", "nccl", "both"],
+                    help="tp > 1: distllm's custom all-reduce (default; NCCL above its size limit), NCCL only, or both")
     args = ap.parse_args()
 
     import torch
@@ -121,13 +123,16 @@ def main() -> None:
             print(f"tp={tp}: skipped ({n_gpus} GPUs)")
             continue
         backend = args.backend if tp > 1 else args.tp1_backend
-        rate = bench(folder, tp, backend, args.tokens, args.enforce_eager)
-        base = base or (rate if tp == 1 else None)
-        rows.append((tp, rate))
-        speed = f"{rate / base:5.2f}x" if base else "  n/a"
-        # Per GPU each token reads wbytes / tp of weights; HBM3 ~3.35 TB/s on H100 SXM.
-        gbps = rate * wbytes / tp / 1e9
-        print(f"tp={tp}: {rate:8.1f} tok/s  {speed}  ~{gbps:6.0f} GB/s of weights per GPU", flush=True)
+        modes = ["-"] if tp == 1 else (["custom", "nccl"] if args.all_reduce == "both" else [args.all_reduce])
+        for mode in modes:
+            rate = bench(folder, tp, backend, args.tokens, args.enforce_eager, nccl_only=mode == "nccl")
+            base = base or (rate if tp == 1 else None)
+            rows.append((tp, mode, rate))
+            speed = f"{rate / base:5.2f}x" if base else "  n/a"
+            # Per GPU each token reads wbytes / tp of weights.
+            gbps = rate * wbytes / tp / 1e9
+            label = "" if tp == 1 else f" ({mode} all-reduce)"
+            print(f"tp={tp}{label}: {rate:8.1f} tok/s  {speed}  ~{gbps:6.0f} GB/s of weights per GPU", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class EngineArgs:
     max_model_len: int | None = None
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # TP on GPUs: small all-reduces go through distllm's one-shot NVLink kernel unless set.
+    disable_custom_all_reduce: bool = False
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     num_gpu_blocks_override: int | None = None
@@ -159,6 +161,8 @@ class EngineArgs:
         g.add_argument("--max-model-len", type=int, default=None)
         g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
         g.add_argument("--distributed-executor-backend", type=str, default=None, choices=["uni", "mp", "ray"])
+        g.add_argument("--disable-custom-all-reduce", action="store_true",
+                       help="tensor parallelism: NCCL for every all-reduce (default: one-shot NVLink kernel for small ones)")
         g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
         g.add_argument("--block-size", type=int, default=16)
         g.add_argument("--num-gpu-blocks-override", type=int, default=None)
@@ -216,7 +220,8 @@ class EngineArgs:
             cpu_offload_gb=self.cpu_offload_gb,
         )
         backend = self.distributed_executor_backend or ("uni" if self.tensor_parallel_size == 1 else "ray")
-        parallel = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, distributed_executor_backend=backend)
+        parallel = ParallelConfig(tensor_parallel_size=self.tensor_parallel_size, distributed_executor_backend=backend,
+                                  disable_custom_all_reduce=self.disable_custom_all_reduce)
         return EngineConfig(
             model_config=model_config,
             scheduler_config=sched,
@@ -306,6 +311,7 @@ class CacheConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "uni"
+    disable_custom_all_reduce: bool = False
 
 
 @dataclass

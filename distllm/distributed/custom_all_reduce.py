@@ -22,8 +22,13 @@ leaves NCCL in charge.
 
 Messages larger than the per-world-size limit go to NCCL: one-shot reads (W-1) x bytes
 from peers into every GPU, so its advantage shrinks with W and size (two-shot, or NCCL's
-ring, moves less). The limits below are first guesses until benchmarks/bench_allreduce.py
-has run on the target cards; DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES overrides them.
+ring, moves less). The limits come from benchmarks/bench_allreduce.py on 4 x H200 (NVLink,
+NVLS off; benchmarks/README.md): replayed in a CUDA graph the custom path took 6.7-14.5 µs
+against NCCL's 15.6-39.1 µs from 8 KB to 2 MB at W=2, and 10.0-31.8 µs against 20.4-39.2
+µs at W=4. DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES overrides them.
+
+On by default for TP on CUDA; `disable_custom_all_reduce=True` (--disable-custom-all-reduce),
+DISTLLM_DISABLE_CUSTOM_ALLREDUCE=1 or DISTLLM_CUSTOM_ALLREDUCE=0 keep NCCL for everything.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from distllm.logger import init_logger
 logger = init_logger(__name__)
 
 ENV_DISABLE = "DISTLLM_DISABLE_CUSTOM_ALLREDUCE"
-# Opt-in for the engine until the path has been validated on GPUs (see benchmarks/README.md).
+# "0" turns the path off, like ENV_DISABLE (kept for scripts written when it was opt-in).
 ENV_ENABLE = "DISTLLM_CUSTOM_ALLREDUCE"
 ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
@@ -53,9 +58,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BUFFER_BYTES = 4 << 20
 # Largest message sent through the custom path, by world size. One-shot pulls (W-1) x bytes
 # over NVLink into every GPU, so the larger W, the sooner NCCL's ring (which moves ~2x bytes
-# whatever W) catches up. 2 MB at W=2 covers an 8B decode step up to batch 256 (hidden 4096).
-# First guesses, not measured: tune from benchmarks/bench_allreduce.py on the target cards.
-DEFAULT_MAX_BYTES = {2: 2 << 20, 4: 1 << 20, 8: 512 << 10}
+# whatever W) catches up. Measured (module docstring): still 2.7x NCCL at 2 MB for W=2 and
+# 1.2x for W=4, so W=2 takes the whole buffer (an 8B decode step up to batch 512) and W=4
+# 2 MB. W=8 is a guess (no 8-GPU machine measured yet).
+DEFAULT_MAX_BYTES = {2: 4 << 20, 4: 2 << 20, 8: 512 << 10}
 
 # Spin bounds (tries of one system-scope compare-and-swap, ~0.1-1 µs each). The engine's
 # is practically infinite: a peer may legitimately be seconds late (host work, compiles).
@@ -84,6 +90,8 @@ def unsupported_reason(device_type: str, world_size: int, env: Mapping[str, str]
         return f"world size {world_size} not in {SUPPORTED_WORLD_SIZES}"
     if _env_flag(env, ENV_DISABLE):
         return f"{ENV_DISABLE} is set"
+    if env.get(ENV_ENABLE, "").strip().lower() in ("0", "false", "no", "off"):
+        return f"{ENV_ENABLE}={env[ENV_ENABLE]}"
     if max_bytes_for(world_size, env) <= 0:
         return f"{ENV_MAX_BYTES} is 0"
     return None
@@ -360,15 +368,17 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     return car
 
 
-def enable_for_tp(device: torch.device) -> bool:
+def enable_for_tp(device: torch.device, disabled: bool = False) -> bool:
     """Set up the custom path for the TP group made by init_tensor_parallel (collective: every
-    TP rank calls it after init_tensor_parallel). True when tp_all_reduce will use it."""
+    TP rank calls it after init_tensor_parallel). True when tp_all_reduce will use it.
+    `disabled` is the engine's disable_custom_all_reduce (the same on every rank)."""
     from distllm.distributed import parallel_state as ps
 
     if ps.get_tp_size() == 1:
         return False
-    if not _env_flag(os.environ, ENV_ENABLE):
-        logger.info("custom all-reduce off (NCCL all-reduce only): opt in with %s=1", ENV_ENABLE)
+    if disabled:
+        if ps.get_tp_rank() == 0:
+            logger.info("custom all-reduce off (NCCL all-reduce only): disable_custom_all_reduce is set")
         return False
     car = init_custom_all_reduce(ps.get_tp_group(), ps.get_tp_rank(), ps.get_tp_size(), device)
     ps.set_custom_all_reduce(car)

@@ -13,6 +13,7 @@ from distllm.distributed.parallel_state import init_tensor_parallel
 from distllm.logger import init_logger
 from distllm.models.source import resolve_device
 from distllm.worker.model_runner import ModelRunner
+from distllm.worker.step_profiler import StepProfiler
 
 logger = init_logger(__name__)
 
@@ -24,6 +25,7 @@ class Worker:
         self.local_rank = local_rank
         self.dist_init_method = dist_init_method
         self.runner: ModelRunner | None = None
+        self.profiler = StepProfiler(rank)
 
     def init_device(self) -> None:
         kind = resolve_device(self.config.device)
@@ -36,7 +38,7 @@ class Worker:
         backend = "nccl" if kind == "cuda" else "gloo"
         init_tensor_parallel(self.rank, tp, self.dist_init_method or "", backend)
         if kind == "cuda" and tp > 1:
-            enable_custom_all_reduce(self.device)  # NCCL stays the fallback; logs why if off
+            enable_custom_all_reduce(self.device, self.config.parallel_config.disable_custom_all_reduce)  # logs why if off
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, self.device)
 
@@ -53,6 +55,7 @@ class Worker:
         return self.runner.execute(plan)
 
     def launch(self, plan: StepPlan):
+        self.profiler.on_launch()
         return self.runner.launch(plan)
 
     def finish(self, pending) -> StepResult:

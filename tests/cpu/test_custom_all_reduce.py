@@ -26,6 +26,7 @@ from distllm.distributed.custom_all_reduce import (
     BUFFER_BYTES,
     DEFAULT_MAX_BYTES,
     ENV_DISABLE,
+    ENV_ENABLE,
     ENV_MAX_BYTES,
     CustomAllReduce,
     init_custom_all_reduce,
@@ -72,6 +73,23 @@ def test_env_switch(value, off):
         assert ENV_DISABLE in reason
 
 
+@pytest.mark.parametrize("value,off", [("0", True), ("off", True), ("1", False), ("", False)])
+def test_on_by_default_and_env_enable_zero_turns_it_off(value, off):
+    assert unsupported_reason("cuda", 4, env={}) is None  # default: on
+    reason = unsupported_reason("cuda", 4, env={ENV_ENABLE: value})
+    assert (reason is not None) == off
+    if off:
+        assert ENV_ENABLE in reason
+
+
+def test_engine_option_reaches_the_workers():
+    from distllm.config import EngineArgs, EngineConfig
+
+    for flag in (False, True):
+        cfg = EngineArgs(model=None, disable_custom_all_reduce=flag, device="cpu").create_engine_config()
+        assert EngineConfig.from_dict(cfg.to_dict()).parallel_config.disable_custom_all_reduce is flag
+
+
 def test_max_bytes_defaults_and_override():
     assert max_bytes_for(2, env={}) == DEFAULT_MAX_BYTES[2] <= BUFFER_BYTES
     assert max_bytes_for(8, env={}) == DEFAULT_MAX_BYTES[8] < DEFAULT_MAX_BYTES[2]
@@ -98,6 +116,7 @@ def test_init_returns_none_without_collectives(device, ws):
 
 def test_enable_for_tp_is_a_no_op_at_tp1():
     assert ps.get_tp_size() == 1
+    assert car_mod.enable_for_tp(torch.device("cpu"), disabled=True) is False
     assert car_mod.enable_for_tp(torch.device("cpu")) is False
     assert ps._TP.custom_ar is None
 

@@ -170,7 +170,7 @@ def test_tp2_with_custom_all_reduce_matches_tp1(model_dir, tp1_reference, eager,
     from test_tp_gpu import MAX_TOKENS, PROMPTS
 
     monkeypatch.delenv(ENV_DISABLE, raising=False)
-    monkeypatch.setenv(ENV_ENABLE, "1")
+    monkeypatch.delenv(ENV_ENABLE, raising=False)  # on by default
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     llm = LLM(model=model_dir, tensor_parallel_size=2, distributed_executor_backend="mp", device="cuda",
               dtype="bfloat16", num_gpu_blocks_override=512, max_model_len=1024, max_num_seqs=8,
