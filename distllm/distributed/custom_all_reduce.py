@@ -2,16 +2,17 @@
 
 Why: an NCCL all-reduce of a few KB costs ~35 µs eager and ~20 µs inside a CUDA graph on
 2×H200 (NVLink, NVLS off), almost all of it latency; an 8B decode step does 64 of them. A
-one-shot all-reduce is one kernel: every rank copies its input into a buffer all peers can
-address, a per-block flag barrier, every rank reads all buffers and sums. Its cost is one
-kernel plus two NVLink round trips for the flags.
+one-shot all-reduce is one kernel: every rank writes its input into a buffer of every peer,
+raises a per-block flag there, waits for the peers' flags in its own buffer and sums
+locally. Its cost is one kernel plus one NVLink trip.
 
 Design (option A of the issue): the buffer is torch symmetric memory
 (`torch.distributed._symmetric_memory`: `empty` + `rendezvous` map every rank's allocation
 into every peer); the kernel is distllm's own Triton kernel, `distllm.ops.triton_all_reduce`
 (no CUDA C++ to build just-in-time on the serving host, no IPC handles to exchange by hand,
-no NVLS/multimem, which is off on our machines). The kernel's flags reset themselves, so a
-captured CUDA graph replays correctly any number of times (see that module's docstring).
+no NVLS/multimem, which is off on our machines). The kernel's sequence number lives on the
+device, so a captured CUDA graph replays correctly any number of times (see that module's
+docstring).
 
 Safety: the custom path is used only when every rank agrees it works. Cheap checks first
 (CUDA, world size 2/4/8, env switch, one host, peer access, NVLink where NVML can tell),
@@ -53,8 +54,9 @@ ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Data bytes of the symmetric buffer (per rank): the largest message the path can take
-# (a decode step of batch 256 x hidden 8192 in bf16), and room to benchmark beyond the limits.
+# Largest message the path can take (a decode step of batch 256 x hidden 8192 in bf16, and
+# room to benchmark beyond the limits): the size of one (parity, sender) slot. Each rank's
+# symmetric buffer holds 2 x world_size slots (16 MB at TP=2, 32 MB at TP=4).
 BUFFER_BYTES = 4 << 20
 # Largest message sent through the custom path, by world size. One-shot pulls (W-1) x bytes
 # over NVLink into every GPU, so the larger W, the sooner NCCL's ring (which moves ~2x bytes
@@ -165,24 +167,30 @@ class CustomAllReduce:
     world_size: int
     device: torch.device
     max_bytes: int
-    peers_u8: tuple  # every rank's buffer (data + mailboxes) as uint8, addressable from here
+    peers_u8: tuple  # every rank's buffer (data slots + flags) as uint8, addressable from here
     handle: object = None  # keeps the symmetric-memory mapping alive
     max_spin: int = ENGINE_MAX_SPIN
     err: torch.Tensor = field(default=None)  # int32[1]: timed-out waits (see errors())
+    state: torch.Tensor = field(default=None)  # int64[2]: the kernel's sequence number (local)
     _data: dict = field(default_factory=dict)
-    flag_addrs: torch.Tensor = field(default=None)  # int64[W]: every rank's mailboxes
+    flag_addrs: torch.Tensor = field(default=None)  # int64[W]: every rank's flags
 
     def __post_init__(self) -> None:
+        from distllm.ops.triton_all_reduce import data_bytes
+
         if self.err is None:
             self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
-        # Mailboxes follow the data in every rank's buffer.
-        addrs = [b.data_ptr() + BUFFER_BYTES for b in self.peers_u8]
+        if self.state is None:
+            self.state = torch.zeros(2, dtype=torch.int64, device=self.device)
+        # Flags follow the data slots in every rank's buffer.
+        self.data_bytes = data_bytes(self.world_size, BUFFER_BYTES)
+        addrs = [b.data_ptr() + self.data_bytes for b in self.peers_u8]
         self.flag_addrs = torch.tensor(addrs, dtype=torch.int64, device=self.device)
 
     def _bufs(self, dtype: torch.dtype) -> tuple:
         bufs = self._data.get(dtype)
         if bufs is None:
-            bufs = self._data[dtype] = tuple(b[:BUFFER_BYTES].view(dtype) for b in self.peers_u8)
+            bufs = self._data[dtype] = tuple(b[: self.data_bytes].view(dtype) for b in self.peers_u8)
         return bufs
 
     def should_use(self, x: torch.Tensor) -> bool:
@@ -202,7 +210,7 @@ class CustomAllReduce:
         if x.numel() * x.element_size() > BUFFER_BYTES:
             raise ValueError(f"{x.numel() * x.element_size()} bytes exceed the {BUFFER_BYTES}-byte buffer")
         out = x if out is None else out
-        launch_one_shot(x, out, self._bufs(x.dtype), self.flag_addrs, self.err, self.rank, self.max_spin)
+        launch_one_shot(x, out, self._bufs(x.dtype), self.flag_addrs, self.state, self.err, self.rank, self.max_spin)
         return out
 
     def errors(self) -> int:
@@ -211,7 +219,7 @@ class CustomAllReduce:
 
     def close(self) -> None:
         self._data.clear()
-        self.peers_u8, self.flag_addrs, self.handle = (), None, None
+        self.peers_u8, self.flag_addrs, self.handle, self.state = (), None, None, None
 
 
 def _symmetric_buffer(nbytes: int, group, rank: int, world_size: int, device: torch.device):
@@ -225,7 +233,7 @@ def _symmetric_buffer(nbytes: int, group, rank: int, world_size: int, device: to
             warnings.simplefilter("ignore")
             enable(name)
     buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-    buf.zero_()  # every mailbox starts empty ...
+    buf.zero_()  # every flag starts at 0 ...
     torch.cuda.synchronize(device)  # ... before any peer can see this buffer
     hdl = symm_mem.rendezvous(buf, name)
     if hdl.world_size != world_size or hdl.rank != rank:
@@ -256,7 +264,8 @@ def _self_test_sizes(car: CustomAllReduce) -> list[int]:
 
 def _self_test(car: CustomAllReduce) -> str | None:
     """Exact sums of small integers (exact in any order, in every dtype) for a few sizes,
-    back to back (mailbox reuse), then the same with a changed input; None when all pass."""
+    back to back (both parities, changing grids), then the same with a changed input; None
+    when all pass."""
     dev = car.device
     sizes = _self_test_sizes(car)
     ranks = torch.arange(car.world_size, device=dev).view(-1, 1)
@@ -288,7 +297,9 @@ def _precompile(car: CustomAllReduce) -> None:
         # Triton specializes n (== 1, divisible by 16, other): one compile per self-test size.
         for n in _self_test_sizes(car):
             x = torch.empty(n, dtype=torch.bfloat16, device=car.device)
-            warmup(x, x, car._bufs(x.dtype), car.flag_addrs, car.err, n, car.max_spin, RANK=car.rank,
+            bufs = car._bufs(x.dtype)
+            warmup(x, x, bufs, car.flag_addrs, car.state, car.err, n, bufs[0].numel() // (2 * car.world_size),
+                   car.max_spin, RANK=car.rank,
                    WORLD=car.world_size, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
                    num_stages=NUM_STAGES, grid=(1,))
     except Exception as e:  # noqa: BLE001 - only an optimisation: the first launch compiles
@@ -331,9 +342,9 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     # 2. Symmetric memory (and the kernel module: a Triton that fails to import means NCCL).
     car, offset = None, 0
     try:
-        from distllm.ops.triton_all_reduce import flag_words
+        from distllm.ops.triton_all_reduce import data_bytes, flag_words
 
-        nbytes = BUFFER_BYTES + 4 * flag_words(world_size)
+        nbytes = data_bytes(world_size, BUFFER_BYTES) + 8 * flag_words(world_size)
         hdl, views, offset = _symmetric_buffer(nbytes, group, rank, world_size, device)
         car = CustomAllReduce(rank=rank, world_size=world_size, device=device, max_bytes=max_bytes,
                               peers_u8=views, handle=hdl)

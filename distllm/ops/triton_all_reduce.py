@@ -1,41 +1,41 @@
-"""One-shot all-reduce over peer memory (NVLink P2P), written in Triton.
+"""One-shot all-reduce over peer memory (NVLink P2P), written in Triton: push, then sum locally.
 
 Every rank owns one buffer that all peers can address (torch symmetric memory, set up by
-`distllm.distributed.custom_all_reduce`). One kernel launch per all-reduce, per rank:
+`distllm.distributed.custom_all_reduce`): data slots [2 parities][W senders][SLOT elements],
+then int64 flags [W senders][MAX_BLOCKS blocks]. One kernel launch per all-reduce, per rank:
 
-1. copy this rank's input into its own buffer (the part this program block owns);
-2. barrier "start": tell every peer "my part is written", wait until every peer said the same;
-3. read the same part from every rank's buffer, sum in fp32 in rank order 0..W-1 (so every
-   rank computes bit-identical results, like NCCL does), write the output (may be the input);
-4. barrier "end": nobody may overwrite its buffer in the next call while a peer still reads it.
+1. push: write this rank's input (the part this program block owns) into slot
+   [parity][RANK] of every peer's buffer. NVLink writes are posted: no round trip;
+2. signal: after a block-wide barrier, store the call's sequence number into flag
+   [RANK][block] of every peer (release, system scope), one lane per peer;
+3. wait until flag [p][block] of this rank's own buffer holds at least that sequence number
+   for every peer p (acquire, polling local memory);
+4. sum: own input plus the peers' slots, in fp32, in rank order 0..W-1 (so every rank
+   computes bit-identical results, like NCCL does); write the output (may be the input).
 
-Barriers are per program block: block b of every rank copies, reads and signals the same
-elements (same n, same grid on every rank), so block b only ever waits for block b of the
-peers; blocks never wait for each other on one GPU, so no co-residency is needed.
+One NVLink trip per call, where a pull design pays a flag round trip, a read round trip and
+an end barrier: a peer may still be reading this call's slot when a rank starts the next
+call, so consecutive calls alternate between two parities, and no end barrier is needed.
+A rank can be at most one call ahead of a peer (it cannot finish call k + 1 before every
+peer has started call k + 1, i.e. finished call k), so when it writes parity k % 2 again,
+in call k + 2, every peer is done reading it. Flags are compared with >= for the same
+reason: a peer one call ahead may already have stored the next number.
 
-Flags, and why they survive CUDA-graph replay (the classic bug is a host-side counter, or a
-host-chosen phase, baked into the captured launch, so the second replay waits for a value
-the peers already wrote): every flag is a self-resetting mailbox, one int32 per (channel,
-block, sender) in the receiver's buffer. The sender turns it 0 -> 1 (compare-and-swap,
-release, system scope), retrying while it is still 1, i.e. while the receiver has not yet
-consumed the previous signal; the receiver turns it 1 -> 0 (acquire, system scope). After
-every barrier all mailboxes are 0 again, so each launch, eager or replayed, starts from the
-same state and the kernel arguments can be identical on every replay. Two channels keep the
-start and end signals of one launch apart for readability; one would also be correct, as
-signals on a mailbox are consumed in the order they are sent.
+The sequence number is one int64 per rank in local device memory (`state`: [seq, blocks
+done]), read by every block at the start of a call and advanced by the last block to
+finish, so it is the same for every block of a call whatever the grid, and it lives on the
+device: a captured CUDA graph replays correctly any number of times, and eager calls in
+between share it. int64 never wraps in practice.
 
-A barrier handles all peers at once: one lane (one thread; Triton runs an atomic once per
-distinct element) per peer, retrying only the lanes whose swap has not happened yet, so
-W=8 costs one NVLink round trip, not seven in a row. `tl.debug_barrier()` (bar.sync) before
-the release makes the other threads' copies part of what is released; the one after the
-acquire makes the peers' data visible to every thread of the block (the PTX memory model
-makes release/acquire cumulative through bar.sync). Peer data is loaded with ".cg" (L2, not
-L1) so nothing stale from an earlier launch can be read.
+`tl.debug_barrier()` (bar.sync) before the release makes the other threads' pushes part of
+what is released; the one after the acquire makes the peers' data visible to every thread
+of the block (the PTX memory model makes release/acquire cumulative through bar.sync). Peer
+slots are loaded with ".cg" (L2, not L1) so nothing stale from an earlier call is read.
 
-Every spin is bounded by `max_spin` tries; a timed-out wait adds 1 to `err` and goes on. The
-engine passes a practically infinite bound (going on after a timeout would return wrong sums
-silently), the start-up self-test a short one, so a broken setup is found and turned off
-instead of hanging the engine.
+Every wait is bounded by `max_spin` polls; a timed-out wait adds 1 to `err` and goes on.
+The engine passes a practically infinite bound (going on after a timeout would return wrong
+sums silently), the start-up self-test a short one, so a broken setup is found and turned
+off instead of hanging the engine.
 """
 
 from __future__ import annotations
@@ -43,73 +43,39 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Program blocks per launch (also the flag slots per channel) and elements per block and
-# step. Small messages are latency-bound (two flag round trips), whatever these are. MB-sized
-# ones need many loads in flight to fill NVLink (Little's law: ~400 GB/s x ~1.5 µs ~ 600 KB):
-# 128 blocks x 128 threads x 2 loads of 16 B = 512 KB per peer per step. First guesses, to
-# be tuned with benchmarks/bench_allreduce.py (not measured yet).
+# Program blocks per launch (also the flag slots per sender) and elements per block and
+# step. Small messages are latency-bound whatever these are; MB-sized ones need many loads
+# and stores in flight to fill NVLink (Little's law: ~400 GB/s x ~1.5 µs ~ 600 KB).
 MAX_BLOCKS = 128
 BLOCK = 2048
 NUM_WARPS = 4
-# No software pipelining: it could turn the peer loads into asynchronous copies issued ahead,
-# and a streaming sum gains nothing from it.
-NUM_STAGES = 1
+NUM_STAGES = 1  # a streaming copy and sum gain nothing from software pipelining
 
 
 def flag_words(world_size: int) -> int:
-    """int32 mailboxes one rank's buffer holds: 2 channels x MAX_BLOCKS blocks x senders."""
-    return 2 * MAX_BLOCKS * world_size
+    """int64 flags one rank's buffer holds: one per (sender, block)."""
+    return world_size * MAX_BLOCKS
+
+
+def data_bytes(world_size: int, slot_bytes: int) -> int:
+    """Bytes of one rank's data slots: 2 parities x world_size senders x slot_bytes."""
+    return 2 * world_size * slot_bytes
 
 
 def grid_size(numel: int) -> int:
     return max(1, min(triton.cdiv(numel, BLOCK), MAX_BLOCKS))
 
 
-@triton.jit
-def _cas_all(ptrs, todo, expect, new, max_spin, err_ptr, SEM: tl.constexpr):
-    """Compare-and-swap every lane's mailbox `ptrs` from expect to new (system scope), lanes in
-    parallel, retrying the lanes that have not yet succeeded. Lanes with todo == 0 are skipped:
-    their compare value is -1, which no mailbox ever holds, so the swap never happens."""
-    zero = todo.to(tl.int32) * 0  # compare and swap values must match the lanes' shape
-    new_v = zero + new
-    done = todo == 0
-    old = tl.atomic_cas(ptrs, tl.where(done, zero - 1, zero + expect), new_v, sem=SEM, scope="sys")
-    done = done | (old == expect)
-    spins = max_spin * 0  # an int32 tensor, like the value it is re-assigned in the loop
-    while (tl.min(done.to(tl.int32), axis=0) == 0) & (spins < max_spin):
-        old = tl.atomic_cas(ptrs, tl.where(done, zero - 1, zero + expect), new_v, sem=SEM, scope="sys")
-        done = done | (old == expect)
-        spins += 1
-    missed = tl.sum((done == 0).to(tl.int32), axis=0)
-    if missed > 0:
-        tl.atomic_add(err_ptr, missed)
-
-
-@triton.jit
-def _block_barrier(flag_addrs, slot, max_spin, err_ptr, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Block-level barrier with the same block of every peer, one lane per peer. `slot` is
-    this (channel, block)'s first mailbox; mailbox slot + s holds sender s's signal."""
-    lanes = tl.arange(0, WORLD)
-    peers = lanes != RANK
-    bases = tl.load(flag_addrs + lanes)  # int64: every rank's mailbox array
-    tl.debug_barrier()  # every thread's earlier accesses happen before the release below
-    to_peer = (bases + (slot + RANK) * 4).to(tl.pointer_type(tl.int32), bitcast=True)
-    _cas_all(to_peer, peers, 0, 1, max_spin, err_ptr, "release")
-    own = tl.load(flag_addrs + RANK)
-    from_peer = (own + (slot + lanes) * 4).to(tl.pointer_type(tl.int32), bitcast=True)
-    _cas_all(from_peer, peers, 1, 0, max_spin, err_ptr, "acquire")
-    tl.debug_barrier()  # the acquired data is visible to every thread after this
-
-
-# max_spin differs between the self-test and the engine: one compiled kernel for both.
 @triton.jit(do_not_specialize=["max_spin"])
 def one_shot_all_reduce_kernel(
     x_ptr,
     out_ptr,
-    bufs,  # tuple of WORLD tensors: every rank's data buffer (same dtype as x)
-    flag_addrs,  # int64[WORLD] on this device: address of every rank's int32 mailboxes
+    bufs,  # tuple of WORLD tensors: every rank's data slots (same dtype as x)
+    flag_addrs,  # int64[WORLD] on this device: address of every rank's int64 flags
+    state_ptr,  # int64[2] on this device: [calls completed, blocks done in this call]
     err_ptr,  # int32 on this device: timed-out waits
     n,
+    slot_elems,  # elements per (parity, sender) slot
     max_spin,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,  # 2, 4 or 8: one tl.arange lane per rank needs a power of two
@@ -117,38 +83,77 @@ def one_shot_all_reduce_kernel(
     BLOCK_SIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK_SIZE
-    own = bufs[RANK]
+    nprog = tl.num_programs(0)
+    step = nprog * BLOCK_SIZE
+    seq = tl.load(state_ptr) + 1
+    parity = seq % 2
+
+    # 1. Push this block's part of x into slot [parity][RANK] of every peer.
     # while, not range(): the Triton 3.6 interpreter can't take a grid-sized range step.
+    dst = (parity * WORLD + RANK) * slot_elems
     start = pid * BLOCK_SIZE
     while start < n:
         offs = start + tl.arange(0, BLOCK_SIZE)
         m = offs < n
-        tl.store(own + offs, tl.load(x_ptr + offs, mask=m), mask=m)
+        v = tl.load(x_ptr + offs, mask=m)
+        for p in tl.static_range(WORLD):
+            if p != RANK:
+                tl.store(bufs[p] + dst + offs, v, mask=m)
         start += step
 
-    _block_barrier(flag_addrs, pid * WORLD, max_spin, err_ptr, RANK, WORLD)
+    # 2. Signal every peer: flag [RANK][pid] = seq.
+    lanes = tl.arange(0, WORLD)
+    peers = lanes != RANK
+    tl.debug_barrier()  # every thread's pushes happen before the release below
+    bases = tl.load(flag_addrs + lanes)
+    to_peer = (bases + (RANK * NUM_SLOTS + pid) * 8).to(tl.pointer_type(tl.int64), bitcast=True)
+    tl.atomic_xchg(to_peer, seq + lanes.to(tl.int64) * 0, mask=peers, sem="release", scope="sys")
 
+    # 3. Wait for every peer's flag [p][pid] >= seq in this rank's own buffer.
+    own = tl.load(flag_addrs + RANK)
+    from_peer = (own + (lanes * NUM_SLOTS + pid) * 8).to(tl.pointer_type(tl.int64), bitcast=True)
+    got = tl.atomic_add(from_peer, 0, mask=peers, sem="acquire", scope="sys")
+    done = (got >= seq) | (peers == 0)
+    spins = max_spin * 0  # an int32 tensor, like the value it is re-assigned in the loop
+    while (tl.min(done.to(tl.int32), axis=0) == 0) & (spins < max_spin):
+        got = tl.atomic_add(from_peer, 0, mask=peers, sem="acquire", scope="sys")
+        done = done | (got >= seq)
+        spins += 1
+    missed = tl.sum((done == 0).to(tl.int32), axis=0)
+    if missed > 0:
+        tl.atomic_add(err_ptr, missed)
+    tl.debug_barrier()  # the acquired data is visible to every thread after this
+
+    # 4. Sum in rank order: own part from x, the peers' from slots [parity][p] here.
     start = pid * BLOCK_SIZE
     while start < n:
         offs = start + tl.arange(0, BLOCK_SIZE)
         m = offs < n
         acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
         for p in tl.static_range(WORLD):
-            acc += tl.load(bufs[p] + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if p == RANK:
+                acc += tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            else:
+                src = bufs[RANK] + (parity * WORLD + p) * slot_elems + offs
+                acc += tl.load(src, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
         start += step
 
-    _block_barrier(flag_addrs, (NUM_SLOTS + pid) * WORLD, max_spin, err_ptr, RANK, WORLD)
+    # 5. The last block to finish advances the sequence number (every other block has read it).
+    if tl.atomic_add(state_ptr + 1, 1) == nprog - 1:
+        tl.store(state_ptr + 1, 0)
+        tl.store(state_ptr, seq)
 
 
-def launch_one_shot(x, out, bufs: tuple, flag_addrs, err, rank: int, max_spin: int) -> None:
+def launch_one_shot(x, out, bufs: tuple, flag_addrs, state, err, rank: int, max_spin: int) -> None:
     """out = sum over ranks of x. x and out are contiguous with x.numel() elements (out may be
-    x); bufs: every rank's data buffer (x's dtype, >= x.numel() elements); flag_addrs: int64
-    tensor, the address of every rank's flag_words() int32 mailboxes (zeroed before first use)."""
+    x); bufs: every rank's data slots (x's dtype, data_bytes() long); flag_addrs: int64 tensor,
+    the address of every rank's flag_words() int64 flags (zeroed before first use); state:
+    this rank's int64[2] (zeroed before first use)."""
     n = x.numel()
     world = len(bufs)
+    slot_elems = bufs[rank].numel() // (2 * world)
     one_shot_all_reduce_kernel[(grid_size(n),)](
-        x, out, bufs, flag_addrs, err, n, max_spin,
+        x, out, bufs, flag_addrs, state, err, n, slot_elems, max_spin,
         RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

@@ -122,8 +122,8 @@ def test_enable_for_tp_is_a_no_op_at_tp1():
 
 
 def _fake_car(world: int = 2, rank: int = 0, max_bytes: int = 64 << 10) -> CustomAllReduce:
-    words = _tar.flag_words(world)
-    peers = tuple(torch.zeros(BUFFER_BYTES + 4 * words, dtype=torch.uint8) for _ in range(world))
+    nbytes = _tar.data_bytes(world, BUFFER_BYTES) + 8 * _tar.flag_words(world)
+    peers = tuple(torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world))
     return CustomAllReduce(rank=rank, world_size=world, device=torch.device("cpu"), max_bytes=max_bytes,
                            peers_u8=peers)
 
@@ -191,48 +191,59 @@ def _inputs(world: int, n: int, dtype: torch.dtype, seed: int) -> list[torch.Ten
 
 
 def _simulate(world: int, rank: int, xs: list[torch.Tensor], max_spin: int = 100, preset: bool = True,
-              in_place: bool = False):
+              in_place: bool = False, calls_before: int = 0, peer_ahead: bool = False):
+    """One rank's launch with the peers' side done by hand: they pushed their inputs into this
+    rank's slots for this call's parity and raised their flags (one call further when
+    peer_ahead: a peer may already have signalled the next call)."""
     n = xs[0].numel()
     grid = _tar.grid_size(n)
-    bufs = [x.clone() for x in xs]  # peers copied their inputs before signalling
-    bufs[rank].zero_()
-    flags = [torch.zeros(_tar.flag_words(world), dtype=torch.int32) for _ in range(world)]
+    slot = n + 5  # slots longer than the message, as in the engine
+    seq = calls_before + 1
+    bufs = [torch.zeros(2 * world * slot, dtype=xs[0].dtype) for _ in range(world)]
+    flags = [torch.zeros(_tar.flag_words(world), dtype=torch.int64) for _ in range(world)]
     if preset:
-        mine = flags[rank].view(2, _tar.MAX_BLOCKS, world)
-        mine[:, :grid, :] = 1  # every peer's start and end signal for every block in use
-        mine[:, :, rank] = 0
+        for p in range(world):
+            if p != rank:
+                bufs[rank].view(2, world, slot)[seq % 2, p, :n] = xs[p]
+                flags[rank].view(world, _tar.MAX_BLOCKS)[p, :grid] = seq + int(peer_ahead)
     addrs = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
+    state = torch.tensor([calls_before, 0], dtype=torch.int64)
     err = torch.zeros(1, dtype=torch.int32)
     x = xs[rank].clone()
     out = x if in_place else torch.full_like(x, 99)
-    _tar.launch_one_shot(x, out, tuple(bufs), addrs, err, rank, max_spin)
-    return out, bufs, flags, int(err.item()), grid
+    _tar.launch_one_shot(x, out, tuple(bufs), addrs, state, err, rank, max_spin)
+    return out, bufs, flags, int(err.item()), grid, state
 
 
 @pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2), (8, 7)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n", [1, 1000, 4099])
-def test_one_shot_sum_and_signals(world, rank, dtype, n):
+@pytest.mark.parametrize("n,calls_before", [(1, 0), (1000, 1), (4099, 6)])
+def test_one_shot_sum_pushes_and_signals(world, rank, dtype, n, calls_before):
     xs = _inputs(world, n, dtype, seed=world * 100 + n)
-    out, bufs, flags, err, grid = _simulate(world, rank, xs)
+    out, bufs, flags, err, grid, state = _simulate(world, rank, xs, calls_before=calls_before)
     want = torch.stack([x.float() for x in xs]).sum(0).to(dtype)
+    seq = calls_before + 1
     assert err == 0
     assert torch.equal(out, want)
-    assert torch.equal(bufs[rank], xs[rank])  # own input published for the peers
-    assert int(flags[rank].sum()) == 0  # every peer signal consumed
+    assert state.tolist() == [seq, 0]  # the call counted once, by the last block
+    slot = bufs[0].numel() // (2 * world)
     for p in range(world):
-        if p != rank:  # exactly one start and one end signal per block in use, to every peer
-            sent = flags[p].view(2, _tar.MAX_BLOCKS, world)[:, :, rank]
-            assert sent[:, :grid].eq(1).all() and int(sent.sum()) == 2 * grid
+        if p == rank:
+            continue
+        pushed = bufs[p].view(2, world, slot)
+        assert torch.equal(pushed[seq % 2, rank, :n], xs[rank])  # own input pushed to every peer ...
+        assert not pushed[1 - seq % 2, rank].any()  # ... into this call's parity only
+        sent = flags[p].view(world, _tar.MAX_BLOCKS)
+        assert sent[rank, :grid].eq(seq).all() and not sent[rank, grid:].any()  # one flag per block in use
+        assert not sent[torch.arange(world) != rank].any()  # only in this rank's row
 
 
 def test_one_shot_many_tiles_per_block_in_place():
     world, rank, n = 2, 1, (_tar.MAX_BLOCKS + 3) * _tar.BLOCK + 37  # blocks 0-3 take a second tile
     xs = _inputs(world, n, torch.bfloat16, seed=1)
-    out, _, flags, err, grid = _simulate(world, rank, xs, in_place=True)
-    assert grid == _tar.MAX_BLOCKS and err == 0
+    out, _, _, err, grid, state = _simulate(world, rank, xs, in_place=True, calls_before=3)
+    assert grid == _tar.MAX_BLOCKS and err == 0 and state.tolist() == [4, 0]
     assert torch.equal(out, (xs[0].float() + xs[1].float()).to(torch.bfloat16))
-    assert int(flags[rank].sum()) == 0
 
 
 def test_one_shot_rank_order_sum():
@@ -248,26 +259,40 @@ def test_one_shot_rank_order_sum():
         assert torch.equal(o, want)
 
 
+def test_peer_one_call_ahead_is_not_waited_for():
+    world, n = 2, 300
+    xs = _inputs(world, n, torch.float32, seed=5)
+    out, _, _, err, _, _ = _simulate(world, 0, xs, max_spin=3, calls_before=2, peer_ahead=True)
+    assert err == 0 and torch.equal(out, xs[0] + xs[1])
+
+
 def test_barrier_times_out_and_counts():
-    """No peer ever signals: every wait gives up after max_spin tries and is counted."""
+    """No peer ever signals: every wait gives up after max_spin polls and is counted."""
     world, rank, n = 4, 0, 3000
     xs = _inputs(world, n, torch.float32, seed=2)
-    _, _, _, err, grid = _simulate(world, rank, xs, max_spin=3, preset=False)
-    assert err == 2 * grid * (world - 1)  # start and end barrier, every block, every peer
+    _, _, _, err, grid, state = _simulate(world, rank, xs, max_spin=3, preset=False)
+    assert err == grid * (world - 1)  # every block, every peer
+    assert state.tolist() == [1, 0]
 
 
 def test_custom_all_reduce_layout():
-    """CustomAllReduce's views: data at the start of every rank's buffer, mailboxes after it."""
+    """CustomAllReduce's views: data slots [parity][sender] at the start of every rank's
+    buffer, flags [sender][block] after them; two calls in a row use both parities."""
     world, rank, n = 2, 1, 3000
     car = _fake_car(world, rank)
-    xs = _inputs(world, n, torch.float16, seed=4)
-    car.peers_u8[0][: n * 2].view(torch.float16).copy_(xs[0])
-    mine = car.peers_u8[rank][BUFFER_BYTES:].view(torch.int32).view(2, _tar.MAX_BLOCKS, world)
-    mine[:, : _tar.grid_size(n), 0] = 1
-    x = xs[rank].clone()
-    assert car.all_reduce(x) is x
-    assert torch.equal(x, xs[0] + xs[1])
-    assert car.errors() == 0 and int(mine.sum()) == 0
+    slot = BUFFER_BYTES // 2
+    mine = car.peers_u8[rank]
+    flags = mine[_tar.data_bytes(world, BUFFER_BYTES):].view(torch.int64).view(world, _tar.MAX_BLOCKS)
+    for call in (1, 2):
+        xs = _inputs(world, n, torch.float16, seed=4 + call)
+        mine[: 2 * world * BUFFER_BYTES].view(torch.float16).view(2, world, slot)[call % 2, 0, :n] = xs[0]
+        flags[0, : _tar.grid_size(n)] = call
+        x = xs[rank].clone()
+        assert car.all_reduce(x) is x
+        assert torch.equal(x, xs[0] + xs[1])
+        peer = car.peers_u8[0][: 2 * world * BUFFER_BYTES].view(torch.float16).view(2, world, slot)
+        assert torch.equal(peer[call % 2, rank, :n], xs[rank])
+    assert car.errors() == 0 and car.state.tolist() == [2, 0]
 
 
 # --- init_custom_all_reduce's flow, ranks simulated by threads ------------------------------
@@ -314,13 +339,14 @@ def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_ra
     import threading
 
     tw = _ThreadWorld(world)
-    words = _tar.flag_words(world)
-    shared = [torch.zeros(BUFFER_BYTES + 4 * words, dtype=torch.uint8) for _ in range(world)]
+    data = _tar.data_bytes(world, BUFFER_BYTES)
+    shared = [torch.zeros(data + 8 * _tar.flag_words(world), dtype=torch.uint8) for _ in range(world)]
     launches = []
 
-    def fake_launch(x, out, bufs, flag_addrs, err, rank, max_spin):
+    def fake_launch(x, out, bufs, flag_addrs, state, err, rank, max_spin):
         # What one kernel launch does, synchronously: publish, barrier, sum in rank order, barrier.
-        assert [int(a) for a in flag_addrs] == [b.data_ptr() + BUFFER_BYTES for b in shared]
+        assert [int(a) for a in flag_addrs] == [b.data_ptr() + data for b in shared]
+        assert state.dtype == torch.int64 and state.numel() == 2
         assert all(b.data_ptr() == s.data_ptr() for b, s in zip(bufs, shared))
         n = x.numel()
         bufs[rank][:n].copy_(x.flatten())

@@ -100,7 +100,7 @@ def _graph_worker(rank: int, world: int, init_file: str) -> None:
     car, dev = _setup(rank, world, init_file)
     try:
         # Three sizes like a decode step's mix (8 KB, 64 KB, 2 MB bf16) and one fp32, each
-        # reduced in place after a copy, all in one graph, so mailbox reuse across launches of
+        # reduced in place after a copy, all in one graph, so slot and flag reuse across launches of
         # different grids is exercised on every replay.
         specs = [(4096, torch.bfloat16), (32 << 10, torch.bfloat16), (1 << 20, torch.bfloat16), (3000, torch.float32)]
         ins = [torch.zeros(n, dtype=dt, device=dev) for n, dt in specs]
@@ -118,7 +118,7 @@ def _graph_worker(rank: int, world: int, init_file: str) -> None:
                 x, i = _inputs(n, dt, rank, seed=100 + it * 10 + k, dev=dev)
                 t.copy_(i if it % 2 else x)
             g.replay()
-            if it % 3 == 0:  # an eager call between replays shares the mailboxes
+            if it % 3 == 0:  # an eager call between replays shares the slots and the sequence number
                 e = torch.ones(777, dtype=torch.bfloat16, device=dev) * (rank + 1)
                 _check(car.all_reduce(e), torch.full_like(e, world * (world + 1) / 2), True, "eager between replays")
             for (n, dt), t, o in zip(specs, ins, outs):

@@ -134,9 +134,12 @@ def test_quantized_fp32_equals_dequantized(quant_models, tiny_models, kind):
     eager, s_q, mode_q = _run(quant_models[kind], tok, _prompts(), dtype="float32", enforce_eager=True)
     graphs, _, _ = _run(quant_models[kind], tok, _prompts(), dtype="float32")
     assert mode_ref is None and mode_q == "gguf"  # default on CUDA: kept quantized
-    assert not s_ref.layers and s_q.dequantized_bytes / s_q.quantized_bytes >= 3.0, s_q.describe("bfloat16")
     assert eager == ref
     assert graphs == ref
+    # Q4_1 is 3.56x smaller than bf16. The mixed model has Q8_0 and Q6_K layers too (1.88x and
+    # 2.56x; measured 2.48x on the whole): no type of it takes more than Q8_0's 8.5 bits a weight.
+    want = 3.0 if kind == "smol_q4_1" else 16 / 8.5
+    assert not s_ref.layers and s_q.dequantized_bytes / s_q.quantized_bytes >= want, s_q.describe("bfloat16")
 
 
 @pytest.mark.parametrize("kind", ["smol_q4_1", "mixed"])
