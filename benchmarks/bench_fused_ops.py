@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from distllm.layers.rotary import RotaryEmbedding  # noqa: E402
 from distllm.ops import fused_ref  # noqa: E402
-from distllm.ops import triton_activation, triton_norm, triton_rotary  # noqa: E402
+from distllm.ops import triton_activation, triton_argmax, triton_norm, triton_rotary  # noqa: E402
 
 HIDDEN, HQ, HK, D, INTER, LAYERS = 4096, 32, 8, 128, 14336, 32
 SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -47,6 +47,7 @@ def make_ops(t: int, qk_norm: bool) -> dict[str, tuple]:
     cache = RotaryEmbedding(D, 131072, 500000.0, SCALING).to("cuda").cos_sin_cache
     gu = torch.randn(t, 2 * INTER, device="cuda", dtype=bf)
     hw = torch.randn(D, device="cuda", dtype=bf) * 0.1 + 1
+    logits = torch.randn(min(t, 256), 128256, device="cuda")
     ops = {
         "rms_norm": (lambda: fused_ref.rms_norm_ref(x, w, 1e-5), lambda: triton_norm.rms_norm(x, w, 1e-5)),
         "add_rms_norm": (
@@ -58,6 +59,8 @@ def make_ops(t: int, qk_norm: bool) -> dict[str, tuple]:
             lambda: triton_rotary.rotary_embedding(pos, q, k, cache),
         ),
         "silu_and_mul": (lambda: fused_ref.silu_and_mul_ref(gu), lambda: triton_activation.silu_and_mul(gu)),
+        # Greedy sampling, once a step on at most max_num_seqs rows of fp32 logits (Llama-3 vocabulary).
+        "argmax": (lambda: logits.argmax(dim=-1), lambda: triton_argmax.argmax_last_dim(logits)),
     }
     if qk_norm:
         ops["q_head_norm"] = (lambda: fused_ref.rms_norm_ref(q, hw, 1e-6), lambda: triton_norm.rms_norm(q, hw, 1e-6))
@@ -93,7 +96,8 @@ def main() -> None:
             te, fe = time_us(ref_fn, False), time_us(fused_fn, False)
             print(f"{name:14s} {tg:12.2f} {fg:12.2f} {tg / fg:7.2f}x {te:12.2f} {fe:12.2f}")
             saved += per_layer.get(name, 0) * (tg - fg)
-        print(f"est. saving per forward ({LAYERS} layers, in a graph): {saved * LAYERS / 1e3:.3f} ms")
+        print(f"est. saving per forward ({LAYERS} layers, in a graph): {saved * LAYERS / 1e3:.3f} ms"
+              " (argmax, once a step, not included)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from distllm.ops.dispatch import argmax
+
 _GREEDY_EPS = 1e-5
 _MASK64 = (1 << 64) - 1
 
@@ -154,7 +156,7 @@ class Sampler(nn.Module):
 
         greedy = [_is_greedy(p) for p in params]
         if all(greedy) and not self._needs_processing(params, states):
-            sampled = logits.argmax(dim=-1)
+            sampled = argmax(logits)
         else:
             x = self.process_logits(logits, states)
             sampled = self._sample(x, states, greedy)
@@ -295,7 +297,7 @@ class Sampler(nn.Module):
         device = x.device
         params = [s.params for s in states]
         any_greedy = any(greedy)
-        greedy_ids = x.argmax(dim=-1) if any_greedy else None
+        greedy_ids = argmax(x) if any_greedy else None
         if all(greedy):
             return greedy_ids
         rand = [not g for g in greedy]
@@ -351,7 +353,7 @@ class Sampler(nn.Module):
                 draws.append(torch.empty(V, dtype=torch.float32, device=device).exponential_(generator=g))
             q.index_copy_(0, _to_device(seeded, torch.long, device), torch.stack(draws))
         q.clamp_min_(torch.finfo(torch.float32).tiny)
-        sampled = probs.div_(q).argmax(dim=-1)
+        sampled = argmax(probs.div_(q))
         if any_greedy:
             sampled = torch.where(_to_device(greedy, torch.bool, device), greedy_ids, sampled)
         return sampled

@@ -72,6 +72,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> int64 [B], the first index of each row's maximum (torch.argmax(x, -1))."""
+    if use_triton(x) and x.dim() == 2:
+        from distllm.ops.triton_argmax import argmax_last_dim
+
+        return argmax_last_dim(x)
+    return x.argmax(dim=-1)
+
+
 def store_kv(
     key: torch.Tensor,
     value: torch.Tensor,

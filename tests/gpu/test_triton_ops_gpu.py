@@ -157,3 +157,14 @@ def test_decode_cuda_graph(batch):
         ref = paged_attention_ref(q, kc, vc, bt, sl, qsl, d**-0.5)
         torch.cuda.synchronize()
         assert _rel_err(out, ref) <= 1e-2, trial
+
+
+@pytest.mark.parametrize("B,V", [(1, 49152), (1, 128256), (7, 151936), (256, 32000), (3, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_matches_torch(B, V, dtype):
+    from distllm.ops.triton_argmax import argmax_last_dim
+
+    g = torch.Generator(device="cuda").manual_seed(B + V)
+    x = (torch.randn(B, V, device="cuda", generator=g) * 5).to(dtype)
+    x[0, V // 3] = x[0, V // 2] = x[0].max() + 1  # a tie: the first index wins
+    assert torch.equal(argmax_last_dim(x), x.argmax(dim=-1))
