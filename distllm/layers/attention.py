@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch import nn
 
 from distllm.ops import dispatch
 from distllm.ops.paged_attention import decode_mask, paged_decode_ref, varlen_attention_ref
+
+if TYPE_CHECKING:
+    from distllm.layers.norm import RMSNorm
+    from distllm.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -66,20 +70,57 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
 
+    def forward_rotary(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: "RotaryEmbedding",
+        q_norm: "RMSNorm | None" = None,
+        k_norm: "RMSNorm | None" = None,
+    ) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] before the rotary (and Qwen3's q/k norms) -> [T, H*D].
+        On CUDA with a KV cache one kernel rotates q and k and writes k and v into the cache."""
+        t = q.shape[0]
+        caches = _CTX.kv_caches
+        if caches is not None:
+            k_cache, v_cache = caches[self.layer_idx]
+            meta = get_attention_metadata()
+            q_rot = rotary.rotate_and_store(positions, q, k, v, k_cache, v_cache, meta.slot_mapping, q_norm, k_norm)
+            if q_rot is not None:
+                return self._attend(q_rot, None, None, stored=True)
+        if q_norm is not None:
+            q, k = rotary.forward_qk_norm(positions, q, k, q_norm, k_norm)
+        else:
+            q, k = rotary(positions, q, k)
+        return self(q.reshape(t, -1), k.reshape(t, -1), v)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
-        meta = get_attention_metadata()
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        return self._attend(q, k, v, stored=False)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, stored: bool) -> torch.Tensor:
+        """q [T, H, D]; k/v [T, Hkv, D], or None when `stored` (already in the cache, where the
+        Triton paged attention reads them) -> [T, H*D]."""
+        meta = get_attention_metadata()
+        t = q.shape[0]
         caches = _CTX.kv_caches
         if caches is not None:
             k_cache, v_cache = caches[self.layer_idx]
-            dispatch.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if caches is None or (meta.fresh_prefill_only and not q.is_cuda):
+            if not stored:
+                dispatch.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        else:
+            assert not stored, "stored keys need a KV cache"
+        # Keys already stored (rotate_and_store) are read by the Triton paged attention kernel.
+        assert not stored or dispatch.use_triton(q), "stored keys need the paged attention kernel"
+        if not stored and (caches is None or (meta.fresh_prefill_only and not q.is_cuda)):
             out = varlen_attention_ref(q, k, v, meta.query_start_loc, self.scale, meta.causal)
-        elif meta.max_query_len == 1 and not dispatch.use_triton(q):
+        elif not stored and meta.max_query_len == 1 and not dispatch.use_triton(q):
             if meta.derived is None:
                 meta.derived = {}
             mask = meta.derived.get("decode_mask")

@@ -2,8 +2,9 @@
 
 On CUDA, q and k are rotated by one Triton kernel (distllm/ops/triton_rotary.py) that reads
 cos/sin straight from the cache, and Qwen3's per-head q/k RMSNorm runs inside that same kernel
-(`forward_qk_norm`); on CPU, or with DISTLLM_DISABLE_FUSED_OPS=1, the torch reference
-(distllm/ops/fused_ref.py) runs.
+(`forward_qk_norm`); in a step with a KV cache that kernel also writes the rotated keys and the
+values into it (`rotate_and_store`). On CPU, or with DISTLLM_DISABLE_FUSED_OPS=1, the torch
+reference (distllm/ops/fused_ref.py) runs.
 """
 
 from __future__ import annotations
@@ -93,3 +94,33 @@ class RotaryEmbedding(nn.Module):
                 positions, q, k, self.cos_sin_cache, q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps
             )
         return self(positions, q_norm(q), k_norm(k))
+
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        q_norm: "RMSNorm | None" = None,
+        k_norm: "RMSNorm | None" = None,
+    ) -> torch.Tensor | None:
+        """On CUDA: rotary q (and Qwen3's q/k norms), with the rotated keys and the values written
+        into the paged KV cache by the same kernel; returns the rotated q [T, H, D]. None where
+        that kernel does not apply (CPU, fused ops off, mismatched dtypes): the caller rotates
+        and stores in separate steps."""
+        if not dispatch.use_fused_ops(q) or slot_mapping.shape[0] != q.shape[0] or k_cache.dtype != k.dtype:
+            return None
+        norm = {}
+        if q_norm is not None:
+            if not (q_norm.eps == k_norm.eps and q_norm.weight.dtype == q.dtype and k_norm.weight.dtype == k.dtype):
+                return None
+            norm = dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps)
+        from distllm.ops import triton_rotary
+
+        q_rot, _ = triton_rotary.rotary_embedding(
+            positions, q, k, self.cos_sin_cache, kv_store=(v, k_cache, v_cache, slot_mapping), **norm
+        )
+        return q_rot

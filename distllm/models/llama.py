@@ -94,11 +94,10 @@ class DecoderAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # Qwen3: per-head norms, fused into the rotary kernel on CUDA (one launch, not three)
-            q, k = self.rotary_emb.forward_qk_norm(positions, q, k, self.q_norm, self.k_norm)
-        else:
-            q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(t, -1), k.reshape(t, -1), v)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        # Qwen3's per-head norms, the rotary and the KV-cache store: one kernel on CUDA.
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else (None, None)
+        out = self.attn.forward_rotary(positions, q, k, v, self.rotary_emb, *norms)
         return self.o_proj(out)
 
 

@@ -22,6 +22,11 @@ one launch instead of three.
 Grid: (T, head blocks of q, then head blocks of k). Each program loads its token's cos/sin once
 and rotates a [BLOCK_H, D/2] pair of half-tiles. With inplace=True the results overwrite q and
 k (no allocation); otherwise fresh contiguous tensors are returned. CUDA-graph safe.
+
+With kv_store=(v, k_cache, v_cache, slot_mapping), the rotated keys go straight into the paged
+KV cache at their slots, with the values beside them, as `triton_kv_store.store_kv` would write
+them (padded slots, -1, are skipped), and no k tensor is returned: the attention reads keys from
+the cache anyway, so a decode layer saves the store kernel's launch and a round trip of k.
 """
 
 from __future__ import annotations
@@ -87,6 +92,20 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    CACHE_BLOCK: tl.constexpr,
+    STORE_KV: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
@@ -105,6 +124,23 @@ def _rotary_kernel(
             q_ptr + t * stride_qt, qo_ptr + t * stride_qot, stride_qh, stride_qoh, hb * BLOCK_H, HQ,
             cos, sin, qw_ptr, eps, HALF, BLOCK_H, BLOCK_HALF, HAS_NORM,
         )
+    elif STORE_KV:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        if slot >= 0:
+            h0 = (hb - q_blocks) * BLOCK_H
+            kc_row = kc_ptr + (slot // CACHE_BLOCK) * stride_kcb + (slot % CACHE_BLOCK) * stride_kcs
+            _rotate_block(
+                k_ptr + t * stride_kt, kc_row, stride_kh, stride_kch, h0, HK,
+                cos, sin, kw_ptr, eps, HALF, BLOCK_H, BLOCK_HALF, HAS_NORM,
+            )
+            # The same heads' values, unchanged, into the value cache.
+            h = h0 + tl.arange(0, BLOCK_H)[:, None]
+            vmask = (h < HK) & dmask
+            v_src = v_ptr + t * stride_vt + h * stride_vh + d
+            vc_dst = vc_ptr + (slot // CACHE_BLOCK) * stride_vcb + (slot % CACHE_BLOCK) * stride_vcs + h * stride_vch + d
+            vty = vc_ptr.dtype.element_ty
+            tl.store(vc_dst, tl.load(v_src, mask=vmask).to(vty), mask=vmask)
+            tl.store(vc_dst + HALF, tl.load(v_src + HALF, mask=vmask).to(vty), mask=vmask)
     else:
         _rotate_block(
             k_ptr + t * stride_kt, ko_ptr + t * stride_kot, stride_kh, stride_koh, (hb - q_blocks) * BLOCK_H, HK,
@@ -121,7 +157,8 @@ def rotary_embedding(
     q_weight: torch.Tensor | None = None,
     k_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    kv_store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     t, hq, d = q.shape
     hk = k.shape[1]
     assert k.shape == (t, hk, d) and positions.shape == (t,), (q.shape, k.shape, positions.shape)
@@ -133,6 +170,22 @@ def rotary_embedding(
         # The norm's output dtype is promote(weight, x) in torch; the kernel writes x's dtype.
         assert q_weight.dtype == q.dtype and k_weight.dtype == k.dtype, (q_weight.dtype, k_weight.dtype, q.dtype)
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    # Without kv_store the store arguments are placeholders the kernel never reads.
+    store = dict(v_ptr=q, kc_ptr=q, vc_ptr=q, slot_ptr=positions, stride_vt=0, stride_vh=0, stride_kcb=0,
+                 stride_kcs=0, stride_kch=0, stride_vcb=0, stride_vcs=0, stride_vch=0, CACHE_BLOCK=16, STORE_KV=False)
+    if kv_store is not None:
+        v, k_cache, v_cache, slots = kv_store
+        _, cache_block, hkv_c, d_c = k_cache.shape
+        assert (hkv_c, d_c) == (hk, d) and v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape, k.shape)
+        assert v.shape == k.shape and slots.shape == (t,), (v.shape, k.shape, slots.shape)
+        assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and v.stride(-1) == 1
+        assert not inplace, "kv_store writes k into the cache: nothing to rotate in place"
+        store = dict(
+            v_ptr=v, kc_ptr=k_cache, vc_ptr=v_cache, slot_ptr=slots, stride_vt=v.stride(0), stride_vh=v.stride(1),
+            stride_kcb=k_cache.stride(0), stride_kcs=k_cache.stride(1), stride_kch=k_cache.stride(2),
+            stride_vcb=v_cache.stride(0), stride_vcs=v_cache.stride(1), stride_vch=v_cache.stride(2),
+            CACHE_BLOCK=cache_block, STORE_KV=True,
+        )
     if inplace:
         assert q.stride(-1) == 1 and k.stride(-1) == 1, "in-place rotary needs a contiguous head dim"
         q_out, k_out = q, k
@@ -140,7 +193,7 @@ def rotary_embedding(
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        k_out = None if kv_store is not None else torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if t == 0:
         return q_out, k_out
     half = d // 2
@@ -154,7 +207,7 @@ def rotary_embedding(
         q,
         k,
         q_out,
-        k_out,
+        q_out if k_out is None else k_out,  # unused with kv_store
         q_weight if has_norm else q,
         k_weight if has_norm else k,
         eps,
@@ -165,8 +218,8 @@ def rotary_embedding(
         k.stride(1),
         q_out.stride(0),
         q_out.stride(1),
-        k_out.stride(0),
-        k_out.stride(1),
+        0 if k_out is None else k_out.stride(0),
+        0 if k_out is None else k_out.stride(1),
         HQ=hq,
         HK=hk,
         HALF=half,
@@ -174,5 +227,6 @@ def rotary_embedding(
         BLOCK_HALF=block_half,
         HAS_NORM=has_norm,
         num_warps=num_warps,
+        **store,
     )
     return q_out, k_out

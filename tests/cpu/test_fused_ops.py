@@ -258,6 +258,69 @@ def test_qk_norm_rotary_uses_each_weight():
     _assert_close(ko, kr, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [False, True], ids=["llama", "qwen3-norms"])
+@pytest.mark.parametrize("t,hq,hk,d", [(5, 4, 2, 64), (3, 6, 2, 80), (4, 9, 3, 64)])
+def test_rotary_with_kv_store(t, hq, hk, d, dtype, norm):
+    """kv_store: the rotated keys and the values go into the paged cache at their slots (padded
+    slots skipped, other slots untouched), exactly what rotary then store_kv would write; q as
+    without the store; no k is returned."""
+    from distllm.ops.paged_attention import store_kv_ref
+
+    g = _gen(t * 7 + d + norm)
+    qkv = _rand((t, (hq + 2 * hk) * d), dtype, g, 3.0)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(t, hk, d)
+    w = dict(q_weight=_rand((d,), dtype, g) + 1, k_weight=_rand((d,), dtype, g) + 1, eps=1e-6) if norm else {}
+    positions = torch.randperm(64, generator=g)[:t]
+    block_size, num_blocks = 16, 6
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:t]
+    slots[1] = -1  # a padded row of a graph batch
+    k_cache = _rand((num_blocks, block_size, hk, d), dtype, g)
+    v_cache = _rand((num_blocks, block_size, hk, d), dtype, g)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    q_want, k_rot = _trot.rotary_embedding(positions, q, k, _cache(d), **w)
+    store_kv_ref(k_rot, v, want_k, want_v, slots)
+    q_out, k_out = _trot.rotary_embedding(positions, q, k, _cache(d), kv_store=(v, k_cache, v_cache, slots), **w)
+    assert k_out is None
+    assert torch.equal(q_out, q_want)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_attention_forward_rotary_fused_matches_unfused(monkeypatch):
+    """The layer path: Attention.forward_rotary with the fused kernel (DISTLLM_FORCE_TRITON) gives
+    the same output and cache as rotary, then store, then attention, each on its own."""
+    from distllm.layers.attention import Attention, AttentionMetadata, forward_context
+
+    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
+    g = _gen(5)
+    t, hq, hk, d, bs = 3, 4, 2, 64, 16
+    rope = RotaryEmbedding(d, 128, 10000.0)
+    q, k, v = _rand((t, hq, d), torch.float32, g), _rand((t, hk, d), torch.float32, g), _rand((t, hk, d), torch.float32, g)
+    positions = torch.tensor([0, 1, 2])
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([16, 17, 18]), block_tables=torch.tensor([[1]], dtype=torch.int32),
+        seq_lens=torch.tensor([3], dtype=torch.int32), query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
+        max_query_len=3, max_seq_len=3, fresh_prefill_only=True,
+    )
+    attn = Attention(0, hq, hk, d, d**-0.5)
+    outs, caches = [], []
+    for fused in (True, False):
+        kv = [(torch.zeros(4, bs, hk, d), torch.zeros(4, bs, hk, d))]
+        with forward_context(meta, kv):
+            if fused:
+                out = attn.forward_rotary(positions, q, k, v, rope)
+            else:
+                qr, kr = rope(positions, q, k)
+                out = attn(qr.reshape(t, -1), kr.reshape(t, -1), v.reshape(t, -1))
+        outs.append(out)
+        caches.append(kv[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[0][0], caches[1][0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(caches[0][1], caches[1][1])
+
+
 # ----------------------------------------------------------------------------- SiLU-and-mul
 
 

@@ -168,3 +168,31 @@ def test_argmax_kernel_matches_torch(B, V, dtype):
     x = (torch.randn(B, V, device="cuda", generator=g) * 5).to(dtype)
     x[0, V // 3] = x[0, V // 2] = x[0].max() + 1  # a tie: the first index wins
     assert torch.equal(argmax_last_dim(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["llama", "qwen3-norms"])
+@pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (300, 16, 8, 128), (7, 9, 3, 64)])
+def test_rotary_with_kv_store_matches_rotary_then_store(t, hq, hk, d, norm):
+    from distllm.layers.rotary import RotaryEmbedding
+    from distllm.ops import triton_rotary
+
+    bf = torch.bfloat16
+    g = torch.Generator(device=DEV).manual_seed(t + d)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device=DEV, dtype=bf, generator=g)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(t, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(t, hk, d)
+    w = dict(q_weight=torch.rand(d, device=DEV, dtype=bf, generator=g) + 0.5,
+             k_weight=torch.rand(d, device=DEV, dtype=bf, generator=g) + 0.5, eps=1e-6) if norm else {}
+    cache = RotaryEmbedding(d, 4096, 10000.0).to(DEV).cos_sin_cache
+    pos = torch.randint(0, 4096, (t,), device=DEV, generator=g)
+    nb, bs = 64, 16
+    slots = torch.randperm(nb * bs, device=DEV, generator=g)[:t]
+    slots[0] = -1
+    kc, vc = torch.randn(nb, bs, hk, d, device=DEV, dtype=bf, generator=g), torch.randn(nb, bs, hk, d, device=DEV, dtype=bf, generator=g)
+    want_k, want_v = kc.clone(), vc.clone()
+    q_want, k_rot = triton_rotary.rotary_embedding(pos, q, k, cache, **w)
+    store_kv(k_rot, v, want_k, want_v, slots)
+    q_out, k_out = triton_rotary.rotary_embedding(pos, q, k, cache, kv_store=(v, kc, vc, slots), **w)
+    assert k_out is None and torch.equal(q_out, q_want)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
