@@ -68,6 +68,20 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def tp_all_reduce_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) for x, a row-parallel
+    layer's partial output: one fused kernel when the custom all-reduce takes x, otherwise
+    the all-reduce and then the fused add + RMSNorm."""
+    car = _TP.custom_ar if _TP.size > 1 else None
+    if car is not None and car.should_use_fused_norm(x, residual, weight):
+        return car.all_reduce_add_rms_norm(x, residual, weight, eps)
+    from distllm.ops import dispatch
+
+    return dispatch.fused_add_rms_norm(tp_all_reduce(x), residual, weight, eps)
+
+
 def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Concatenate every rank's x along dim (same shape on every rank)."""
     if _TP.size == 1:

@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from distllm.distributed.parallel_state import get_tp_size
 from distllm.layers.activation import SiluAndMul
 from distllm.layers.attention import Attention
 from distllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -70,6 +71,12 @@ def _rope_scaling_from_parameters(params: dict[str, Any] | None) -> dict[str, An
     return {k: v for k, v in params.items() if k != "rope_theta"}
 
 
+def fuses_all_reduce(spec: DecoderSpec) -> bool:
+    """Whether the row-parallel o_proj / down_proj leave their sum over TP ranks to the next
+    norm (RMSNorm.forward_all_reduce). Not with biases: a bias must be added once, after the sum."""
+    return get_tp_size() > 1 and not spec.attention_bias and not spec.mlp_bias
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, spec: DecoderSpec, layer_idx: int, dtype: torch.dtype, rotary: RotaryEmbedding):
         super().__init__()
@@ -80,7 +87,9 @@ class DecoderAttention(nn.Module):
         self.head_dim = spec.head_dim
         self.q_size = self.num_heads * spec.head_dim
         self.kv_size = self.num_kv_heads * spec.head_dim
-        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.attention_bias, dtype)
+        # Under TP the sum over ranks is left to the next norm (one fused kernel: see DecoderLayer).
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, spec.attention_bias, dtype,
+                                        reduce_results=not fuses_all_reduce(spec))
         self.rotary_emb = rotary
         self.qk_norm = spec.qk_norm
         if spec.qk_norm:
@@ -107,7 +116,8 @@ class DecoderMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             spec.hidden_size, [spec.intermediate_size] * 2, spec.mlp_bias, dtype
         )
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype,
+                                           reduce_results=not fuses_all_reduce(spec))
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,18 +131,26 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(spec, dtype)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.fused_all_reduce = fuses_all_reduce(spec)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the embeddings (residual None), else the previous layer's MLP output, which under
+        TP (fused_all_reduce) is still this rank's partial sum, as this layer's is on return."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self._add_norm(self.input_layernorm, x, residual)
         x = self.self_attn(positions, x)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self._add_norm(self.post_attention_layernorm, x, residual)
         return self.mlp(x), residual
+
+    def _add_norm(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_all_reduce:  # all-reduce + residual add + RMSNorm, one kernel on NVLink
+            return norm.forward_all_reduce(x, residual)
+        return norm(x, residual)
 
 
 class DecoderModel(nn.Module):
@@ -142,13 +160,17 @@ class DecoderModel(nn.Module):
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position, spec.rope_theta, spec.rope_scaling)
         self.layers = nn.ModuleList([DecoderLayer(spec, i, dtype, rotary) for i in range(spec.num_layers)])
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.fused_all_reduce = fuses_all_reduce(spec)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
-        x, _ = self.norm(x, residual)
+        if self.fused_all_reduce:  # the last layer's MLP output is still a partial sum
+            x, _ = self.norm.forward_all_reduce(x, residual)
+        else:
+            x, _ = self.norm(x, residual)
         return x
 
 

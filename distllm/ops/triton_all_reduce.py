@@ -66,6 +66,64 @@ def grid_size(numel: int) -> int:
     return max(1, min(triton.cdiv(numel, BLOCK), MAX_BLOCKS))
 
 
+@triton.jit
+def _signal_and_wait(flag_addrs, pid, seq, max_spin, err_ptr, RANK: tl.constexpr, WORLD: tl.constexpr,
+                     NUM_SLOTS: tl.constexpr):
+    """Steps 2-3: raise flag [RANK][pid] = seq in every peer (release, after a block barrier so
+    every thread's pushes are covered), then poll this rank's flags [p][pid] >= seq (acquire)."""
+    lanes = tl.arange(0, WORLD)
+    peers = lanes != RANK
+    tl.debug_barrier()  # every thread's pushes happen before the release below
+    bases = tl.load(flag_addrs + lanes)
+    to_peer = (bases + (RANK * NUM_SLOTS + pid) * 8).to(tl.pointer_type(tl.int64), bitcast=True)
+    tl.atomic_xchg(to_peer, seq + lanes.to(tl.int64) * 0, mask=peers, sem="release", scope="sys")
+    own = tl.load(flag_addrs + RANK)
+    from_peer = (own + (lanes * NUM_SLOTS + pid) * 8).to(tl.pointer_type(tl.int64), bitcast=True)
+    got = tl.atomic_add(from_peer, 0, mask=peers, sem="acquire", scope="sys")
+    done = (got >= seq) | (peers == 0)
+    spins = max_spin * 0  # an int32 tensor, like the value it is re-assigned in the loop
+    while (tl.min(done.to(tl.int32), axis=0) == 0) & (spins < max_spin):
+        got = tl.atomic_add(from_peer, 0, mask=peers, sem="acquire", scope="sys")
+        done = done | (got >= seq)
+        spins += 1
+    missed = tl.sum((done == 0).to(tl.int32), axis=0)
+    if missed > 0:
+        tl.atomic_add(err_ptr, missed)
+    tl.debug_barrier()  # the acquired data is visible to every thread after this
+
+
+@triton.jit
+def _advance(state_ptr, seq, nprog):
+    """Step 5: the last block to finish advances the sequence number (every other block has read it)."""
+    if tl.atomic_add(state_ptr + 1, 1) == nprog - 1:
+        tl.store(state_ptr + 1, 0)
+        tl.store(state_ptr, seq)
+
+
+@triton.jit
+def _sum_in_rank_order(x_ptr, bufs, offs, m, parity, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+    """Step 4: own part from x, the peers' from slots [parity][p] of this rank's buffer, in fp32."""
+    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    for p in tl.static_range(WORLD):
+        if p == RANK:
+            acc += tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        else:
+            src = bufs[RANK] + (parity * WORLD + p) * slot_elems + offs
+            acc += tl.load(src, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _push(x_ptr, bufs, offs, m, dst, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Step 1 for one tile: x[offs] into slot [parity][RANK] (offset dst) of every peer."""
+    v = tl.load(x_ptr + offs, mask=m)
+    for p in tl.static_range(WORLD):
+        if p != RANK:
+            tl.store(bufs[p] + dst + offs, v, mask=m)
+
+
+# max_spin differs between the self-test and the engine: one compiled kernel for both.
 @triton.jit(do_not_specialize=["max_spin"])
 def one_shot_all_reduce_kernel(
     x_ptr,
@@ -87,62 +145,76 @@ def one_shot_all_reduce_kernel(
     step = nprog * BLOCK_SIZE
     seq = tl.load(state_ptr) + 1
     parity = seq % 2
-
-    # 1. Push this block's part of x into slot [parity][RANK] of every peer.
-    # while, not range(): the Triton 3.6 interpreter can't take a grid-sized range step.
     dst = (parity * WORLD + RANK) * slot_elems
+    # while, not range(): the Triton 3.6 interpreter can't take a grid-sized range step.
     start = pid * BLOCK_SIZE
     while start < n:
         offs = start + tl.arange(0, BLOCK_SIZE)
-        m = offs < n
-        v = tl.load(x_ptr + offs, mask=m)
-        for p in tl.static_range(WORLD):
-            if p != RANK:
-                tl.store(bufs[p] + dst + offs, v, mask=m)
+        _push(x_ptr, bufs, offs, offs < n, dst, RANK, WORLD)
         start += step
-
-    # 2. Signal every peer: flag [RANK][pid] = seq.
-    lanes = tl.arange(0, WORLD)
-    peers = lanes != RANK
-    tl.debug_barrier()  # every thread's pushes happen before the release below
-    bases = tl.load(flag_addrs + lanes)
-    to_peer = (bases + (RANK * NUM_SLOTS + pid) * 8).to(tl.pointer_type(tl.int64), bitcast=True)
-    tl.atomic_xchg(to_peer, seq + lanes.to(tl.int64) * 0, mask=peers, sem="release", scope="sys")
-
-    # 3. Wait for every peer's flag [p][pid] >= seq in this rank's own buffer.
-    own = tl.load(flag_addrs + RANK)
-    from_peer = (own + (lanes * NUM_SLOTS + pid) * 8).to(tl.pointer_type(tl.int64), bitcast=True)
-    got = tl.atomic_add(from_peer, 0, mask=peers, sem="acquire", scope="sys")
-    done = (got >= seq) | (peers == 0)
-    spins = max_spin * 0  # an int32 tensor, like the value it is re-assigned in the loop
-    while (tl.min(done.to(tl.int32), axis=0) == 0) & (spins < max_spin):
-        got = tl.atomic_add(from_peer, 0, mask=peers, sem="acquire", scope="sys")
-        done = done | (got >= seq)
-        spins += 1
-    missed = tl.sum((done == 0).to(tl.int32), axis=0)
-    if missed > 0:
-        tl.atomic_add(err_ptr, missed)
-    tl.debug_barrier()  # the acquired data is visible to every thread after this
-
-    # 4. Sum in rank order: own part from x, the peers' from slots [parity][p] here.
+    _signal_and_wait(flag_addrs, pid, seq, max_spin, err_ptr, RANK, WORLD, NUM_SLOTS)
     start = pid * BLOCK_SIZE
     while start < n:
         offs = start + tl.arange(0, BLOCK_SIZE)
         m = offs < n
-        acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-        for p in tl.static_range(WORLD):
-            if p == RANK:
-                acc += tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            else:
-                src = bufs[RANK] + (parity * WORLD + p) * slot_elems + offs
-                acc += tl.load(src, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+        acc = _sum_in_rank_order(x_ptr, bufs, offs, m, parity, slot_elems, RANK, WORLD, BLOCK_SIZE)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
         start += step
+    _advance(state_ptr, seq, nprog)
 
-    # 5. The last block to finish advances the sequence number (every other block has read it).
-    if tl.atomic_add(state_ptr + 1, 1) == nprog - 1:
-        tl.store(state_ptr + 1, 0)
-        tl.store(state_ptr, seq)
+
+@triton.jit(do_not_specialize=["max_spin"])
+def all_reduce_add_rms_norm_kernel(
+    x_ptr,  # [n_rows, N] this rank's partial sums (a row-parallel layer's output)
+    res_ptr,  # [n_rows, N] the residual stream
+    w_ptr,  # [N] the norm's weight
+    out_ptr,  # [n_rows, N] rms_norm(all_reduce(x) + residual)
+    res_out_ptr,  # [n_rows, N] all_reduce(x) + residual
+    bufs,
+    flag_addrs,
+    state_ptr,
+    err_ptr,
+    n_rows,
+    N,
+    eps,
+    slot_elems,
+    max_spin,
+    RANK: tl.constexpr,
+    WORLD: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The all-reduce above with a whole row per block step, then the residual add and the
+    RMSNorm of `triton_norm` on the reduced row, rounded where that path rounds: one launch
+    for what is otherwise an all-reduce and a norm kernel."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq = tl.load(state_ptr) + 1
+    parity = seq % 2
+    dst = (parity * WORLD + RANK) * slot_elems
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    row = pid
+    while row < n_rows:
+        _push(x_ptr, bufs, row.to(tl.int64) * N + cols, cmask, dst, RANK, WORLD)
+        row += nprog
+    _signal_and_wait(flag_addrs, pid, seq, max_spin, err_ptr, RANK, WORLD, NUM_SLOTS)
+    in_dtype = x_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    row = pid
+    while row < n_rows:
+        offs = row.to(tl.int64) * N + cols
+        acc = _sum_in_rank_order(x_ptr, bufs, offs, cmask, parity, slot_elems, RANK, WORLD, BLOCK_N)
+        r = tl.load(res_ptr + offs, mask=cmask, other=0.0)
+        # Rounded as the all-reduce output, then as torch's x + residual (triton_norm's rules).
+        xs = (acc.to(in_dtype).to(tl.float32) + r.to(tl.float32)).to(in_dtype)
+        tl.store(res_out_ptr + offs, xs, mask=cmask)
+        xf = xs.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
+        y = (xf * rstd).to(in_dtype).to(tl.float32)  # HF: cast before the weight
+        tl.store(out_ptr + offs, (y * w).to(out_ptr.dtype.element_ty), mask=cmask)
+        row += nprog
+    _advance(state_ptr, seq, nprog)
 
 
 def launch_one_shot(x, out, bufs: tuple, flag_addrs, state, err, rank: int, max_spin: int) -> None:
@@ -156,4 +228,24 @@ def launch_one_shot(x, out, bufs: tuple, flag_addrs, state, err, rank: int, max_
     one_shot_all_reduce_kernel[(grid_size(n),)](
         x, out, bufs, flag_addrs, state, err, n, slot_elems, max_spin,
         RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+
+
+# Rows the fused all-reduce + add + RMSNorm keeps in registers (one row per block step).
+MAX_NORM_ROW = 16384
+
+
+def launch_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_out, bufs: tuple, flag_addrs, state,
+                                   err, rank: int, max_spin: int) -> None:
+    """out, res_out = rms_norm(sum over ranks of x + residual), sum over ranks of x + residual.
+    x, residual, out, res_out: contiguous [n_rows, N] (N <= MAX_NORM_ROW); weight [N]; the other
+    arguments as for launch_one_shot."""
+    n_rows, n = x.shape
+    world = len(bufs)
+    slot_elems = bufs[rank].numel() // (2 * world)
+    block_n = triton.next_power_of_2(n)
+    all_reduce_add_rms_norm_kernel[(max(1, min(n_rows, MAX_BLOCKS)),)](
+        x, residual, weight, out, res_out, bufs, flag_addrs, state, err, n_rows, n, eps, slot_elems, max_spin,
+        RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_N=block_n, num_warps=max(1, min(16, block_n // 512)),
+        num_stages=NUM_STAGES,
     )

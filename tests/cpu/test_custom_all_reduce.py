@@ -275,6 +275,76 @@ def test_barrier_times_out_and_counts():
     assert state.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("world,rank", [(2, 1), (4, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n", [(1, 576), (3, 64), (_tar.MAX_BLOCKS + 5, 32)])
+def test_all_reduce_add_rms_norm(world, rank, dtype, rows, n):
+    """The fused kernel: the peers' partial rows pushed here, flags raised; its outputs are
+    rms_norm(sum + residual) and sum + residual, as the all-reduce then the fused norm give.
+    (fp16, not bf16: the interpreter truncates float32 -> bfloat16 where GPUs round; bf16 is
+    checked compiled in tests/gpu.)"""
+    from distllm.ops.fused_ref import fused_add_rms_norm_ref
+
+    g = torch.Generator().manual_seed(rows * n + world)
+    xs = [(torch.randn(rows, n, generator=g)).to(dtype) for _ in range(world)]
+    residual = torch.randn(rows, n, generator=g).to(dtype)
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype)
+    grid = min(rows, _tar.MAX_BLOCKS)
+    slot = rows * n + 3
+    seq = 3
+    bufs = [torch.zeros(2 * world * slot, dtype=dtype) for _ in range(world)]
+    flags = [torch.zeros(_tar.flag_words(world), dtype=torch.int64) for _ in range(world)]
+    for p in range(world):
+        if p != rank:
+            bufs[rank].view(2, world, slot)[seq % 2, p, : rows * n] = xs[p].flatten()
+            flags[rank].view(world, _tar.MAX_BLOCKS)[p, :grid] = seq
+    addrs = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64)
+    state = torch.tensor([seq - 1, 0], dtype=torch.int64)
+    err = torch.zeros(1, dtype=torch.int32)
+    out, res_out = torch.empty_like(residual), torch.empty_like(residual)
+    _tar.launch_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(bufs), addrs, state, err,
+                                        rank, 100)
+    total = xs[0].float()
+    for x in xs[1:]:
+        total = total + x.float()
+    want_out, want_res = fused_add_rms_norm_ref(total.to(dtype), residual, w, 1e-5)
+    assert int(err) == 0 and state.tolist() == [seq, 0]
+    assert torch.equal(res_out, want_res)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+    else:  # the sum of squares in another order may move a value by one rounding step
+        assert (out == want_out).float().mean() > 0.97
+        torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-3, atol=2e-3)
+    for p in range(world):  # this rank's partial rows pushed to every peer, flags raised
+        if p != rank:
+            assert torch.equal(bufs[p].view(2, world, slot)[seq % 2, rank, : rows * n], xs[rank].flatten())
+            assert flags[p].view(world, _tar.MAX_BLOCKS)[rank, :grid].eq(seq).all()
+
+
+def test_tp_all_reduce_add_rms_norm_dispatch(monkeypatch):
+    """Fused kernel when the custom path takes x; otherwise all-reduce, then the fused norm."""
+    x, res, w = torch.randn(2, 8), torch.randn(2, 8), torch.ones(8)
+    calls = []
+
+    class _Car(_Recorder):
+        def should_use_fused_norm(self, *a):
+            return self.use
+
+        def all_reduce_add_rms_norm(self, *a):
+            calls.append("fused")
+            return a[0], a[1]
+
+    saved = (ps._TP.size, ps._TP.custom_ar)
+    monkeypatch.setattr(ps.dist, "all_reduce", lambda t, group=None: calls.append("nccl"))
+    try:
+        for use in (True, False):
+            ps._TP.size, ps._TP.custom_ar = 2, _Car(use)
+            ps.tp_all_reduce_add_rms_norm(x, res, w, 1e-6)
+    finally:
+        ps._TP.size, ps._TP.custom_ar = saved
+    assert calls == ["fused", "nccl"]
+
+
 def test_custom_all_reduce_layout():
     """CustomAllReduce's views: data slots [parity][sender] at the start of every rank's
     buffer, flags [sender][block] after them; two calls in a row use both parities."""

@@ -131,6 +131,65 @@ def _graph_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+def _fused_norm_worker(rank: int, world: int, init_file: str) -> None:
+    """all_reduce_add_rms_norm against the custom all-reduce then the Triton fused add + norm,
+    eager and replayed in a CUDA graph mixed with plain all-reduces (shared sequence number)."""
+    from distllm.ops.triton_norm import fused_add_rms_norm
+
+    car, dev = _setup(rank, world, init_file)
+    try:
+        h = 4096
+        w = torch.rand(h, device=dev, dtype=torch.bfloat16) + 0.5
+        for rows in (1, 7, 256):
+            x, _ = _inputs(rows * h, torch.bfloat16, rank, seed=rows, dev=dev)
+            x = x.view(rows, h)
+            res = torch.randn(rows, h, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(rows))
+            assert car.should_use_fused_norm(x, res, w)
+            out, res_out = car.all_reduce_add_rms_norm(x, res, w, 1e-5)
+            want_out, want_res = fused_add_rms_norm(car.all_reduce(x.clone()), res, w, 1e-5)
+            what = f"{world} ranks, {rows} rows"
+            assert torch.equal(res_out, want_res), what
+            assert (out == want_out).float().mean() > 0.97, what
+            torch.testing.assert_close(out.float(), want_out.float(), atol=0.05, rtol=0.02, msg=what)
+            _same_on_every_rank(out, world, what)
+        # In a graph: fused, plain, fused (1 and 64 rows), replayed with new inputs.
+        xa, xb = torch.zeros(1, h, device=dev, dtype=torch.bfloat16), torch.zeros(64, h, device=dev, dtype=torch.bfloat16)
+        ra, rb = torch.zeros_like(xa), torch.zeros_like(xb)
+        plain = torch.zeros(3000, device=dev, dtype=torch.bfloat16)
+        plain_out = torch.zeros_like(plain)
+        car.all_reduce_add_rms_norm(xa, ra, w, 1e-5)
+        car.all_reduce_add_rms_norm(xb, rb, w, 1e-5)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            oa, _ = car.all_reduce_add_rms_norm(xa, ra, w, 1e-5)
+            plain_out.copy_(plain)
+            car.all_reduce(plain_out)
+            ob, rob = car.all_reduce_add_rms_norm(xb, rb, w, 1e-5)
+        for it in range(8):
+            for t, k in ((xa, 1), (xb, 2), (ra, 3), (rb, 4), (plain, 5)):
+                t.copy_(_inputs(t.numel(), torch.bfloat16, rank, seed=1000 + it * 10 + k, dev=dev)[1].view_as(t))
+            g.replay()
+            wa, _ = fused_add_rms_norm(_nccl(xa), ra, w, 1e-5)
+            wb, wrb = fused_add_rms_norm(_nccl(xb), rb, w, 1e-5)
+            what = f"replay {it}, {world} ranks"
+            _check(plain_out, _nccl(plain), True, what + " (plain)")
+            assert torch.equal(rob, wrb), what
+            torch.testing.assert_close(oa.float(), wa.float(), atol=0.05, rtol=0.02, msg=what)
+            torch.testing.assert_close(ob.float(), wb.float(), atol=0.05, rtol=0.02, msg=what)
+        torch.cuda.synchronize()
+        assert car.errors() == 0
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES or [2])
+def test_fused_all_reduce_add_rms_norm(world, tmp_path):
+    if NUM_GPUS < world:
+        pytest.skip(f"needs {world} GPUs, have {NUM_GPUS}")
+    _spawn(_fused_norm_worker, world, tmp_path)
+
+
 @pytest.mark.parametrize("world", WORLD_SIZES or [2])
 def test_custom_all_reduce_eager_matches_nccl(world, tmp_path):
     if NUM_GPUS < world:
