@@ -139,7 +139,8 @@ def _fused_norm_worker(rank: int, world: int, init_file: str) -> None:
     car, dev = _setup(rank, world, init_file)
     try:
         h = 4096
-        w = torch.rand(h, device=dev, dtype=torch.bfloat16) + 0.5
+        # The norm weight is the same on every rank, as in the model (a replicated parameter).
+        w = torch.rand(h, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(7)) + 0.5
         for rows in (1, 7, 256):
             x, _ = _inputs(rows * h, torch.bfloat16, rank, seed=rows, dev=dev)
             x = x.view(rows, h)
