@@ -194,7 +194,7 @@ def _unit_tile(w_ptr, row, u, l, mask, QTYPE: tl.constexpr, TS: tl.constexpr):
     return w_lo, k_lo, w_hi, k_hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M (tokens) changes every step: one compile for all
 def _mma_kernel(
     x_ptr, w_ptr, y_ptr,
     M, N, K,

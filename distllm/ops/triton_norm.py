@@ -26,7 +26,8 @@ CHUNK_BLOCK = 4096  # chunk width of the two-pass path for longer rows
 TILE_ELEMS = 4096  # elements per program when packing several short rows
 
 
-@triton.jit
+# Row counts change with every batch size: one compile for all of them (faster start-up).
+@triton.jit(do_not_specialize=["n_rows", "n_inner"])
 def _rms_norm_kernel(
     x_ptr,
     res_ptr,

@@ -50,7 +50,9 @@ MAX_SPLITS = 32
 NUM_STAGES = 2  # software pipelining depth of the KV loop
 
 
-@triton.jit
+# The batch size and the block-table width change from step to step: one compile for all
+# (each CUDA-graph batch size would otherwise compile its own variants at start-up).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attn_kernel(
     q_ptr,
     k_cache_ptr,
