@@ -290,6 +290,34 @@ GEMV_CONFIG = {GGMLType.Q4_0: (8, 2), GGMLType.Q4_1: (16, 8), GGMLType.Q8_0: (16
 DEQUANT_TILE = (16, 8)  # (rows, units) of a dequantization tile
 
 
+# GEMV_CONFIG's tiles were tuned on 4096-wide matrices. A small model's matrices (SmolLM2:
+# N = 576) would get a few dozen programs on 132 SMs, so the tile is halved (with its warps)
+# until the grid covers the SMs GEMV_MIN_WAVES times. 0 keeps GEMV_CONFIG as is.
+GEMV_MIN_WAVES = float(os.environ.get("DISTLLM_GGUF_GEMV_MIN_WAVES", "1"))
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def gemv_tile(t: GGMLType, n: int, m: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) of the GEMV for an [m, n] output on device (see GEMV_MIN_WAVES)."""
+    block_n, warps = GEMV_CONFIG[t]
+    if GEMV_MIN_WAVES <= 0 or device.type != "cuda":
+        return block_n, warps
+    target = GEMV_MIN_WAVES * _sm_count(device)
+    while block_n > 1 and triton.cdiv(n, block_n) * m < target:
+        block_n //= 2
+        warps = max(1, warps // 2)
+    return block_n, warps
+
+
 def _check(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType) -> None:
     lay = LAYOUTS[t]
     if x.dim() != 2 or qweight.dim() != 2 or qweight.dtype != torch.uint8:
@@ -354,7 +382,7 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
         )
         return y
     ub, uv, units = _UNITS[t]
-    block_n, warps = GEMV_CONFIG[t]
+    block_n, warps = gemv_tile(t, n, m, x.device)
     grid = (triton.cdiv(n, block_n), m)
     _gemv_kernel[grid](
         x, qweight, y, n, k, x.stride(0), qweight.stride(0), y.stride(0),

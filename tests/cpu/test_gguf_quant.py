@@ -509,3 +509,18 @@ def test_synthetic_blocks_and_file(tmp_path):
     types = {i.gguf_name: i.quant_type for i in gguf_tensor_info(path)}
     assert types["blk.0.attn_v.weight"] == "Q6_K" and types["output.weight"] == "Q6_K"
     assert gguf_to_hf_config(path)["tie_word_embeddings"] is False
+
+
+def test_gemv_tile_fills_the_sms_on_small_matrices(monkeypatch):
+    from distllm.ops import triton_gguf_matmul as T
+
+    monkeypatch.setitem(T._SM_COUNTS, 0, 132)
+    cuda0 = torch.device("cuda", 0)
+    bn, warps = T.GEMV_CONFIG[GGMLType.Q4_1]
+    assert T.gemv_tile(GGMLType.Q4_1, 4096, 1, cuda0) == (bn, warps)  # 256 programs: as tuned
+    small = T.gemv_tile(GGMLType.Q4_1, 576, 1, cuda0)
+    assert small[0] < bn and -(-576 // small[0]) >= 132 and small[1] >= 1
+    assert T.gemv_tile(GGMLType.Q4_1, 576, 64, cuda0) == (bn, warps)  # 64 rows fill the grid already
+    assert T.gemv_tile(GGMLType.Q4_1, 576, 1, torch.device("cpu")) == (bn, warps)
+    monkeypatch.setattr(T, "GEMV_MIN_WAVES", 0.0)
+    assert T.gemv_tile(GGMLType.Q4_1, 576, 1, cuda0) == (bn, warps)
