@@ -50,9 +50,9 @@ def detect_gpu_memory_bytes() -> int | None:
 
 def _gguf_weight_bytes(path: str, dtype: str, tp: int) -> tuple[int, int, int]:
     """(per-GPU bytes with 2-D weights of supported types kept quantized, the file's bytes, the
-    same tensors dequantized to ``dtype``, over all GPUs). As the loader does: the token
-    embedding is dequantized (a lookup), norms are floats; a quantized weight splits by rows or
-    whole blocks across ranks, so a rank holds 1/tp of its bytes."""
+    same tensors dequantized to ``dtype``, over all GPUs). As the loader does: every 2-D weight
+    of a supported type stays quantized (the token embedding too), norms are floats; a quantized
+    weight splits by rows or whole blocks across ranks, so a rank holds 1/tp of its bytes."""
     from distllm.models.gguf_loader import gguf_tensor_info
     from distllm.ops.gguf_quant import is_supported_qtype
     from distllm.worker.memory_plan import dtype_bytes
@@ -61,7 +61,7 @@ def _gguf_weight_bytes(path: str, dtype: str, tp: int) -> tuple[int, int, int]:
     infos = [t for t in gguf_tensor_info(path) if t.hf_name is not None]
     kept = 0
     for t in infos:
-        quantized = len(t.shape) == 2 and t.gguf_name != "token_embd.weight" and is_supported_qtype(t.quant_type)
+        quantized = len(t.shape) == 2 and is_supported_qtype(t.quant_type)
         kept += t.n_bytes if quantized else _numel(t.shape) * e
     dequantized = sum(e * _numel(t.shape) for t in infos)
     return -(-kept // tp), sum(t.n_bytes for t in infos), dequantized
@@ -84,8 +84,8 @@ def _gguf_lines(path: str, dtype: str, quantized: bool, per_gpu_bytes: int, tp: 
     if quantized:
         return [
             f"GGUF: the file holds {fmt_bytes(file_bytes)} of weights ({by_kind}); kept quantized on the GPU "
-            f"(quantization='gguf', the CUDA default) they take {fmt_bytes(per_gpu_bytes)} per GPU, the token "
-            f"embedding dequantized to {dtype}; dequantized at load (quantization='dequantize') they would take "
+            f"(quantization='gguf', the CUDA default) they take {fmt_bytes(per_gpu_bytes)} per GPU (norms "
+            f"as {dtype}); dequantized at load (quantization='dequantize') they would take "
             f"{fmt_bytes(dequantized)} over all GPUs."
         ]
     return [

@@ -4,7 +4,7 @@
   ``quantization='gguf'``: the raw block rows (uint8 [rows, row_bytes], on the host), the GGML
   type and the logical [rows, cols] shape. It slices like a loaded weight (``w[a:b]`` = rows,
   ``w[:, a:b]`` = columns, block-aligned only), so the linears' sharding code is unchanged, and
-  ``dequantize()`` gives float32 for loaders that want floats (the embedding).
+  ``dequantize()`` gives float32 for loaders that want floats.
 * ``QuantizedWeight``: the quantized state of one linear layer. The layer's ``weight``
   parameter keeps its identity but its data becomes the uint8 rows ([out_per_rank, bytes]);
   ``matmul`` runs ``gguf_linear``. Stacked layers (QKV, gate/up) may get shards of different
@@ -154,6 +154,21 @@ class QuantizedWeight:
             w = param[start : start + rows, :nbytes]  # strided view: rows keep the buffer's stride
             outs.append(gguf_linear(x, w, qtype, rows))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def lookup(self, ids: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the dequantized weight, [*ids.shape, in] in dtype (an embedding lookup:
+        only the gathered rows are dequantized). One quantization type for all rows."""
+        from distllm.ops.gguf_quant import gguf_dequantize_rows
+
+        runs = self.runs()
+        if len(runs) != 1:
+            raise NotImplementedError("a quantized embedding with rows of several GGUF types")
+        qtype = runs[0][2]
+        nbytes = self.in_features // LAYOUTS[qtype].block_size * LAYOUTS[qtype].type_size
+        flat = ids.reshape(-1)
+        rows = param.index_select(0, flat)[:, :nbytes]  # [T, nbytes] uint8
+        out = gguf_dequantize_rows(rows, qtype, self.in_features, dtype)  # [T, in]
+        return out.view(*ids.shape, self.in_features)
 
     @property
     def qtypes(self) -> list[str]:

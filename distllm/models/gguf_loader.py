@@ -8,7 +8,8 @@ way ``transformers.modeling_gguf_pytorch_utils.LlamaTensorProcessor`` does.
 With ``keep_quantized`` (``quantization='gguf'``), ``iter_gguf_tensors`` yields the 2-D weights
 of types that have kernels (``distllm.ops.gguf_quant.SUPPORTED_QTYPES``) as
 ``GGUFQuantizedTensor`` (raw block rows) instead of floats; the layers keep them quantized.
-The token embedding, norms, biases, float tensors and other quant types are dequantized as before.
+The token embedding is one of them (the embedding dequantizes the rows it looks up); norms,
+biases, float tensors and other quant types are dequantized as before.
 
 Supported GGUF architectures: ``llama`` (Llama 2/3, SmolLM2, Mistral), ``qwen2``, ``qwen3``.
 """
@@ -421,8 +422,7 @@ def iter_gguf_tensors(path: str | os.PathLike, dtype: torch.dtype = torch.float3
                 logger.warning("GGUF tensor %s has no HF counterpart; skipped", t.name)
             continue
         shape = tuple(int(d) for d in reversed(t.shape))
-        quantized = (keep_quantized and len(shape) == 2 and t.name != "token_embd.weight"
-                     and is_supported_qtype(int(t.tensor_type)))
+        quantized = keep_quantized and len(shape) == 2 and is_supported_qtype(int(t.tensor_type))
         # Whole quantized rows permute like float rows: the row order is all the permutation touches.
         tensor = _quantized(t, shape).data if quantized else _to_torch(t, torch.float32)
         if arch in _PERMUTED_QK_ARCHS:

@@ -169,6 +169,17 @@ def dequantize_ref(qweight: torch.Tensor, qtype: int | str | GGMLType) -> torch.
     return _DEQUANT[t](blocks).reshape(n, -1)  # [N, K]
 
 
+def gguf_dequantize_rows(rows: torch.Tensor, qtype: int | str | GGMLType, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Raw GGUF rows uint8 [N, nb * type_size] -> [N, k] in dtype (Triton on CUDA): an embedding
+    lookup of a quantized table dequantizes only the rows it gathered."""
+    t = ggml_type(qtype)
+    if use_triton(rows):
+        from distllm.ops.triton_gguf_matmul import gguf_dequantize
+
+        return gguf_dequantize(rows, t, k, dtype)
+    return dequantize_ref(rows, t).to(dtype)
+
+
 # ----------------------------------------------------------------------------- matmul
 
 

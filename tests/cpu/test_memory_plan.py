@@ -232,7 +232,7 @@ def test_cli_default_model(capsys, no_weights):
 
 def test_cli_default_model_kept_quantized(capsys, no_weights):
     """On GPUs GGUF weights stay quantized: SmolLM2's 210 linear weights are Q4_1 (20 bytes per 32
-    weights); the Q8_0 token embedding is dequantized to bf16, norms too."""
+    weights), its Q8_0 token embedding (tied LM head) 34 bytes per 32; norms are bf16."""
     from dataclasses import replace
 
     rc, out, err = _run_cli(["plan", "--gpu-memory-gb", "24"], capsys)
@@ -240,7 +240,7 @@ def test_cli_default_model_kept_quantized(capsys, no_weights):
     h, q, kv, inter, layers, vocab = 576, 576, 3 * 64, 1536, 30, 49152
     linear = h * q + 2 * h * kv + q * h + 3 * h * inter
     norms = layers * 2 * h + h
-    weights = layers * linear // 32 * 20 + vocab * h * 2 + norms * 2
+    weights = layers * linear // 32 * 20 + vocab * h // 32 * 34 + norms * 2
     p = replace(_smol_plan(24), weight_bytes=weights)
     assert "kept quantized" in out and fmt_bytes(weights) in out
     assert str(p.num_blocks) in out and str(p.num_blocks) != str(_smol_plan(24).num_blocks)
