@@ -306,8 +306,11 @@ class PlanDecoder:
         self._ids: dict[int, str] = {}
         self._handle_of: dict[str, int] = {}
         self._next = 0
+        # The last plan's batch: order, step id, counts as sent, num_scheduled_tokens.
         self._prev_order: list[str] = []
         self._prev_step: int | None = None
+        self._prev_counts = None
+        self._prev_scheduled: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -364,6 +367,29 @@ class PlanDecoder:
         self._ids[h] = rid
         self._handle_of[rid] = h
 
+    def _batch(self, step_id: int, order_refs, counts) -> tuple[list[str], dict[str, int]]:
+        """The batch order and num_scheduled_tokens; a repeat of the last plan's is copied."""
+        if type(order_refs) is not int:
+            order = self._resolve(step_id, order_refs)
+        elif order_refs != self._prev_step:
+            raise CodecError(
+                f"plan {step_id} repeats the batch of plan {order_refs}, but the last plan here was "
+                f"{self._prev_step}: a plan was lost or driver and worker plan codecs are out of step"
+            )
+        elif counts == self._prev_counts:  # a steady decode step: the same dict again
+            self._prev_step = step_id
+            return self._prev_order, self._prev_scheduled.copy()
+        else:
+            order = self._prev_order
+        if type(counts) is int:
+            scheduled = dict.fromkeys(order, counts)
+        else:
+            scheduled = dict(zip(order, _unpack_counts(counts, len(order))))
+        # A copy of our own: the caller may do what it likes with the plan's dict.
+        self._prev_order, self._prev_step, self._prev_counts, self._prev_scheduled = (
+            order, step_id, counts, scheduled.copy())
+        return order, scheduled
+
     def decode(self, data: bytes) -> StepPlan:
         o = msgpack.unpackb(data, raw=False, strict_map_key=False)
         _check_version(o[0])
@@ -376,16 +402,7 @@ class PlanDecoder:
         for r in new:
             self._add(step_id, r[0], r[1])
             new_requests.append(NewRequestData(*r[1:]))
-        if type(order_refs) is int:  # the same batch as the plan of that step, the last one
-            if order_refs != self._prev_step:
-                raise CodecError(
-                    f"plan {step_id} repeats the batch of plan {order_refs}, but the last plan here was "
-                    f"{self._prev_step}: a plan was lost or driver and worker plan codecs are out of step"
-                )
-            order = self._prev_order
-        else:
-            order = self._resolve(step_id, order_refs)
-        self._prev_order, self._prev_step = order, step_id
+        order, scheduled = self._batch(step_id, order_refs, counts)
         n = len(c_nc)
         if cached_refs is None:
             if n > len(order):
@@ -400,10 +417,7 @@ class PlanDecoder:
             step_id=step_id,
             new_requests=new_requests,
             cached_requests=cached,
-            num_scheduled_tokens=(
-                dict.fromkeys(order, counts) if type(counts) is int
-                else dict(zip(order, _unpack_counts(counts, len(order))))
-            ),
+            num_scheduled_tokens=scheduled,
             finished_req_ids=finished,
             preempted_req_ids=preempted,
             version=o[0],

@@ -132,7 +132,9 @@ def test_steady_decode_is_small_and_names_no_ids():
         plan = StepPlan(step, cached_requests=[CachedRequestData(r, [7], [], 30 + step) for r in ids],
                         num_scheduled_tokens=dict.fromkeys(ids, 1))
         data = enc.encode(plan)
-        assert dec.decode(data) == plan
+        got = dec.decode(data)
+        assert got == plan
+        got.num_scheduled_tokens.clear()  # the decoder keeps its own copy of a repeated batch
         assert b"cmpl-" not in data and len(data) < 2000
         res = StepResult(step, sampled_req_ids=list(ids), sampled_token_ids=list(range(256)))
         rdata = encode_result(res, ids)
