@@ -2,14 +2,18 @@
 
 Each step the driver sends a StepPlan and waits for rank 0's StepResult. Two modes:
 
-* ``full``: what a real step pays outside the model: driver encode_plan -> send -> worker
-  recv + decode_plan -> worker builds a StepResult (one sampled id per request) + encode_result
-  -> send -> driver recv + decode_result.
+* ``full``: what a real step pays outside the model, with the codecs the ``mp``/``ray``
+  executors use: the driver's PlanEncoder -> send -> worker recv + its PlanDecoder -> worker
+  builds a StepResult (one sampled id per request) + encode_result by batch position -> send ->
+  driver recv + decode_result against the plan's batch order. Step 1 (in the warm-up) sends
+  every request as new; the timed steps are cached diffs, as in a decode phase.
 * ``raw``: the transport alone (framing, HMAC, ZeroMQ hops): pre-encoded plan/result bytes of
   the same sizes, no msgpack codec on either side.
 
 Workers are spawned processes (as with the ``mp`` executor), so driver and worker do not share
 a GIL. Batch 256 = 256 cached (decoding) requests with one new token each; batch 1 = one.
+Request ids look like the server's (``cmpl-<32 hex>-0``). ``wrk dec``/``wrk enc``: rank 0's
+median plan decode and result encode.
 
     python benchmarks/bench_transport.py [--steps 2000] [--workers 1] [--modes ipc,tcp]
 """
@@ -28,11 +32,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from distllm.core.plan import (  # noqa: E402
     CachedRequestData,
+    NewRequestData,
+    PlanDecoder,
+    PlanEncoder,
     StepPlan,
     StepResult,
-    decode_plan,
     decode_result,
-    encode_plan,
     encode_result,
 )
 from distllm.distributed.transport import (  # noqa: E402
@@ -42,12 +47,24 @@ from distllm.distributed.transport import (  # noqa: E402
     WorkerChannel,
 )
 
+_PROMPT_LEN = 64
+_RING = 8
+_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": -1, "seed": None, "max_tokens": 256, "logprobs": None}
+
 
 def make_plan(step_id: int, req_ids: list[str]) -> StepPlan:
+    if step_id == 1:  # every request arrives: prompts in full, prefilled in one step
+        new = [
+            NewRequestData(rid, [1000 + (i + j) % 30000 for j in range(_PROMPT_LEN)], [], [4 * i + k for k in range(4)],
+                           0, dict(_SAMPLING))
+            for i, rid in enumerate(req_ids)
+        ]
+        return StepPlan(step_id=1, new_requests=new, num_scheduled_tokens={rid: _PROMPT_LEN for rid in req_ids})
     cached = [
         # every 16th request crosses a block boundary this step (block size 16)
         CachedRequestData(
-            rid, [1000 + (step_id * 7 + i) % 30000], [step_id * 256 + i] if i % 16 == 0 else [], 300 + step_id + i
+            rid, [1000 + (step_id * 7 + i) % 30000], [step_id * 256 + i] if i % 16 == 0 else [],
+            _PROMPT_LEN + step_id + i,
         )
         for i, rid in enumerate(req_ids)
     ]
@@ -61,8 +78,10 @@ def make_result(step_id: int, req_ids) -> StepResult:
                       sampled_token_ids=[(step_id * 31 + i) % 49152 for i in range(len(ids))])
 
 
-def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes) -> None:
+def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes, warmup: int, stats) -> None:
     w = WorkerChannel(TransportConfig.from_dict(cfg_dict), rank)
+    plans = PlanDecoder()
+    dec_us, enc_us = [], []
     try:
         while True:
             got = w.recv_plan(timeout_s=60)
@@ -70,37 +89,60 @@ def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes) -> No
                 return
             step_id, payload = got
             if codec:
-                plan = decode_plan(payload)
+                t0 = time.perf_counter()
+                plan = plans.decode(payload)
+                t1 = time.perf_counter()
+                if step_id > warmup:
+                    dec_us.append((t1 - t0) * 1e6)
                 if rank == 0:
-                    w.send_result(step_id, encode_result(make_result(step_id, plan.num_scheduled_tokens)))
+                    order = list(plan.num_scheduled_tokens)
+                    res = make_result(step_id, order)
+                    t1 = time.perf_counter()
+                    data = encode_result(res, order)
+                    if step_id > warmup:
+                        enc_us.append((time.perf_counter() - t1) * 1e6)
+                    w.send_result(step_id, data)
             elif rank == 0:
                 w.send_result(step_id, raw_result)
     except ShutdownRequested:
         pass
     finally:
         w.close()
+        if rank == 0 and dec_us:
+            stats.put((statistics.median(dec_us), statistics.median(enc_us)))
 
 
 def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_workers: int) -> dict:
     req_ids = [f"cmpl-{uuid.uuid4().hex}-0" for _ in range(batch)]
-    raw_plan = encode_plan(make_plan(1, req_ids))
-    raw_result = encode_result(make_result(1, req_ids))
-    plans = [make_plan(s, req_ids) for s in range(warmup + steps + 1)]
+    # Sizes of a steady (cached-diff) step, as the executors' codecs send them.
+    sizer = PlanEncoder()
+    sizer.encode(make_plan(1, req_ids))
+    raw_plan = sizer.encode(make_plan(2, req_ids))
+    raw_result = encode_result(make_result(2, req_ids), list(req_ids))
     cfg = TransportConfig.create(mode)
     d = DriverChannel(cfg)
     ctx = mp.get_context("spawn")
+    stats = ctx.Queue()
     procs = [
-        ctx.Process(target=worker_main, args=(cfg.to_dict(), r, codec, raw_result), daemon=True)
+        ctx.Process(target=worker_main, args=(cfg.to_dict(), r, codec, raw_result, warmup, stats), daemon=True)
         for r in range(n_workers)
     ]
     for p in procs:
         p.start()
+    wrk = (float("nan"), float("nan"))
     try:
         d.wait_for_workers(n_workers, timeout_s=60)
         times, enc, dec = [], [], []
+        encoder = PlanEncoder()
+        # A few cached-diff plans used in turn (step ids set as they go): made up front, so no
+        # plan building sits between steps, yet in cache as a plan the scheduler has just made
+        # is (a thousand distinct plans would not be).
+        first, ring = make_plan(1, req_ids), [make_plan(s, req_ids) for s in range(2, 2 + _RING)]
         for s in range(1, warmup + steps + 1):
+            plan = first if s == 1 else ring[s % _RING]
+            plan.step_id = s
             t0 = time.perf_counter()
-            payload = encode_plan(plans[s]) if codec else raw_plan
+            payload = encoder.encode(plan) if codec else raw_plan
             t1 = time.perf_counter()
             d.send_plan(s, payload)
             got = d.recv_result(timeout_s=30)
@@ -108,14 +150,16 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
                 raise RuntimeError(f"no result for step {s}")
             t2 = time.perf_counter()
             if codec:
-                res = decode_result(got[1])
-                assert res.step_id == s and len(res.sampled_token_ids) == batch
+                res = decode_result(got[1], list(plan.num_scheduled_tokens))
+                assert res.step_id == s and res.sampled_req_ids == req_ids and len(res.sampled_token_ids) == batch
             t3 = time.perf_counter()
             if s > warmup:
                 times.append((t3 - t0) * 1e6)
                 enc.append((t1 - t0) * 1e6)
                 dec.append((t3 - t2) * 1e6)
         d.send_shutdown()
+        if codec:
+            wrk = stats.get(timeout=30)
         for p in procs:
             p.join(10)
     finally:
@@ -130,6 +174,8 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
         "p99": times[min(len(times) - 1, int(len(times) * 0.99))],
         "enc": statistics.median(enc),
         "dec": statistics.median(dec),
+        "wrk_dec": wrk[0],
+        "wrk_enc": wrk[1],
         "plan_bytes": len(raw_plan),
         "result_bytes": len(raw_result),
     }
@@ -170,20 +216,23 @@ def main() -> None:
         f"{args.steps} steps (+{args.warmup} warmup)"
     )
     print(f"{'transport':9} {'batch':>5} {'what':>5} {'plan B':>7} {'res B':>6} {'median us':>10} {'p99 us':>9}"
-          f" {'drv enc us':>10} {'drv dec us':>10}")
+          f" {'drv enc us':>10} {'drv dec us':>10} {'wrk dec us':>10} {'wrk enc us':>10}")
+    sizes = {104}
     for mode in args.modes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             for codec in (False, True):
                 r = run_one(mode, batch, codec, args.steps, args.warmup, args.workers)
                 what = "full" if codec else "raw"
+                sizes.update((r["plan_bytes"], r["result_bytes"]))
+                cols = (r["enc"], r["dec"], r["wrk_dec"], r["wrk_enc"])
                 print(
                     f"{mode:9} {batch:5d} {what:>5} {r['plan_bytes']:7d} {r['result_bytes']:6d}"
                     f" {r['median']:10.1f} {r['p99']:9.1f}"
-                    + (f" {r['enc']:10.1f} {r['dec']:10.1f}" if codec else f" {'-':>10} {'-':>10}"),
+                    + ("".join(f" {c:10.1f}" for c in cols) if codec else f" {'-':>10}" * 4),
                     flush=True,
                 )
     print("# transport CPU cost per message (framing + HMAC-SHA256), no wakeups:")
-    for nbytes in (104, 12741, 23868):
+    for nbytes in sorted(sizes):
         sg, vf = framing_cost(nbytes)
         print(f"#   {nbytes:6d} B payload: sign {sg:6.1f} us, verify {vf:6.1f} us")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from distllm.core.plan import StepPlan, StepResult, decode_result, encode_plan
+from distllm.core.plan import PlanEncoder, StepPlan, StepResult, decode_result
 from distllm.distributed.transport import DriverChannel, TransportConfig, WorkerError
 from distllm.executor.base import EngineDeadError, Executor
 from distllm.executor.worker_proc import GO_STEP, INIT_KV_STEP, KV_READY_STEP, STARTED_STEP
@@ -38,6 +38,9 @@ class TransportExecutor(Executor):
         self.tp = config.parallel_config.tensor_parallel_size
         self.transport: TransportConfig | None = None
         self.channel: DriverChannel | None = None
+        # Gives each request a small handle on the wire (core/plan.py); one per plan channel,
+        # mirrored by every worker's PlanDecoder.
+        self.plan_encoder = PlanEncoder()
         self.dead_reason: str | None = None
         self._closed = False
         self.worker_pids: dict[int, int] = {}
@@ -115,7 +118,7 @@ class TransportExecutor(Executor):
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         self._submitted_at[plan.step_id] = time.monotonic()
-        self.channel.send_plan(plan.step_id, encode_plan(plan))
+        self.channel.send_plan(plan.step_id, self.plan_encoder.encode(plan))
 
     def collect(self, plan: StepPlan) -> StepResult:
         if self.dead_reason is not None:
@@ -130,7 +133,7 @@ class TransportExecutor(Executor):
                 except WorkerError as e:
                     self._die(str(e))
                 if r is not None and r[0] == plan.step_id:
-                    return decode_result(r[1])
+                    return _decode_result(r[1], plan)
                 self._check_or_die()
                 self._die(f"no result for step {plan.step_id} within worker_timeout_s={timeout:g} s")
             try:
@@ -142,7 +145,7 @@ class TransportExecutor(Executor):
                 continue
             sid, payload = r
             if sid == plan.step_id:
-                return decode_result(payload)
+                return _decode_result(payload, plan)
             logger.warning("dropping a result for step %d while waiting for step %d", sid, plan.step_id)
 
     def check_health(self) -> None:
@@ -180,6 +183,12 @@ class TransportExecutor(Executor):
                 self.channel.close()
             if self.transport is not None:
                 self.transport.cleanup()
+
+
+def _decode_result(payload: bytes, plan: StepPlan) -> StepResult:
+    # The result names its requests by position in the plan's batch order (core/plan.py); the
+    # plan being collected is the one it answers, so no order needs keeping per step.
+    return decode_result(payload, list(plan.num_scheduled_tokens))
 
 
 # ---- mp ----------------------------------------------------------------------------------------

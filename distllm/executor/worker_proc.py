@@ -89,7 +89,7 @@ def run_worker(
                 break
 
         from distllm.config import EngineConfig
-        from distllm.core.plan import decode_plan, encode_result
+        from distllm.core.plan import PlanDecoder, encode_result
         from distllm.worker.worker import Worker
 
         config = EngineConfig.from_dict(engine_config)
@@ -103,14 +103,16 @@ def run_worker(
         # while step N runs: it is launched at once (its decode inputs come from step N's
         # samples on the device), then step N is finished and answered.
         inflight: deque = deque()
+        # Mirrors the driver's PlanEncoder: every plan goes through it, in order, on every rank.
+        plans = PlanDecoder()
         while True:
             if should_stop is not None and should_stop():
                 return
             if inflight and (inflight[0][1].ready() or len(inflight) >= 2):
-                sid, pending, t0 = inflight.popleft()
+                sid, pending, t0, order = inflight.popleft()
                 result = worker.finish(pending)
                 if rank == 0:
-                    channel.send_result(sid, encode_result(result))
+                    channel.send_result(sid, encode_result(result, order))
                 if len(step_times) < 100_000:
                     step_times.append(time.perf_counter() - t0)
                 continue
@@ -130,7 +132,10 @@ def run_worker(
             if step_id < 0:
                 continue
             t0 = time.perf_counter()
-            inflight.append((step_id, worker.launch(decode_plan(payload)), t0))
+            plan = plans.decode(payload)
+            # Rank 0's result names requests by their position in this batch order (core/plan.py).
+            order = list(plan.num_scheduled_tokens) if rank == 0 else None
+            inflight.append((step_id, worker.launch(plan), t0, order))
     except BaseException as e:  # noqa: BLE001 - reported to the driver, then the rank exits
         if not isinstance(e, (KeyboardInterrupt, SystemExit)):
             try:

@@ -1,4 +1,5 @@
-"""StepPlan / StepResult msgpack round trips and version checks."""
+"""StepPlan / StepResult msgpack round trips and version checks (see test_plan_codec.py for the
+stateful codec over long runs)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from distllm.core.plan import (
     PLAN_VERSION,
     CachedRequestData,
     NewRequestData,
+    PlanDecoder,
+    PlanEncoder,
     RequestResult,
     StepPlan,
     StepResult,
@@ -77,9 +80,31 @@ def test_plan_round_trip(plan):
 
 
 @settings(max_examples=40, deadline=None)
+@given(st.lists(plans, min_size=1, max_size=6))
+def test_stateful_plan_round_trips(seq):
+    """Any plan sequence (ids repeated, finished twice, re-sent as new, never sent...) decodes to
+    exactly what was encoded through one encoder/decoder pair, and the pair stays in step."""
+    enc, dec = PlanEncoder(), PlanDecoder()
+    for i, plan in enumerate(seq):
+        plan.step_id = i + 1
+        got = dec.decode(enc.encode(plan))
+        assert got == plan
+        assert list(got.num_scheduled_tokens) == list(plan.num_scheduled_tokens)
+        assert dec._ids == {h: rid for rid, h in enc._handles.items()}
+
+
+@settings(max_examples=40, deadline=None)
 @given(results)
 def test_result_round_trip(res):
     assert decode_result(encode_result(res)) == res
+
+
+@settings(max_examples=40, deadline=None)
+@given(results, st.lists(req_id, max_size=6, unique=True))
+def test_result_round_trip_by_position(res, order):
+    res.sampled_req_ids = [r.req_id for r in res.results] + order[::2]
+    res.sampled_token_ids = list(range(len(res.sampled_req_ids)))
+    assert decode_result(encode_result(res, order), order) == res
 
 
 def test_real_params_round_trip():

@@ -27,12 +27,14 @@ from distllm.core.plan import (
     encode_result,
 )
 from distllm.distributed.transport import (
+    _Mac,
     DriverChannel,
     ShutdownRequested,
     TransportConfig,
     WorkerChannel,
     WorkerError,
     make_frames,
+    sign,
 )
 
 LOGGER = "distllm.transport"
@@ -192,6 +194,24 @@ def test_handshake_times_out():
         w.close()
         d.close()
         cfg.cleanup()
+
+
+@pytest.mark.parametrize("key_len", [16, 32, 64, 65, 200])
+def test_precomputed_hmac_is_hmac_sha256(key_len):
+    key = secrets.token_bytes(key_len)
+    mac = _Mac(key)
+    for n in (0, 1, 63, 64, 65, 3000):
+        header, payload = msgpack.packb(["plan", n, -1, 7]), os.urandom(n)
+        assert mac(header, payload) == sign(key, header, payload)
+
+
+def test_frames_interoperate_with_make_frames(ipc):
+    """The endpoints' MAC is plain HMAC-SHA256: frames made by make_frames are accepted."""
+    w = ipc.workers[0]
+    frames = make_frames(ipc.cfg.hmac_key, "plan", ipc.driver._seq + 1, -1, 3, b"payload")
+    ipc.driver._pub.send_multipart(frames)
+    assert w.recv_plan(timeout_s=5) == (3, b"payload")
+    assert w.num_dropped == 0
 
 
 # ---- hostile frames ----------------------------------------------------------------------
