@@ -291,9 +291,10 @@ DEQUANT_TILE = (16, 8)  # (rows, units) of a dequantization tile
 
 
 # GEMV_CONFIG's tiles were tuned on 4096-wide matrices. A small model's matrices (SmolLM2:
-# N = 576) would get a few dozen programs on 132 SMs, so the tile is halved (with its warps)
-# until the grid covers the SMs GEMV_MIN_WAVES times. 0 keeps GEMV_CONFIG as is.
-GEMV_MIN_WAVES = float(os.environ.get("DISTLLM_GGUF_GEMV_MIN_WAVES", "1"))
+# N = 576) get a few dozen programs on 132 SMs; DISTLLM_GGUF_GEMV_MIN_WAVES=w halves the tile
+# (with its warps) until the grid covers the SMs w times. Off (0) by default: its A/B run on an
+# H100 was cut short, so whether it pays is not measured yet.
+GEMV_MIN_WAVES = float(os.environ.get("DISTLLM_GGUF_GEMV_MIN_WAVES", "0"))
 
 
 def _sm_count(device: torch.device) -> int:

@@ -528,6 +528,7 @@ def test_gemv_tile_fills_the_sms_on_small_matrices(monkeypatch):
     from distllm.ops import triton_gguf_matmul as T
 
     monkeypatch.setitem(T._SM_COUNTS, 0, 132)
+    monkeypatch.setattr(T, "GEMV_MIN_WAVES", 1.0)
     cuda0 = torch.device("cuda", 0)
     bn, warps = T.GEMV_CONFIG[GGMLType.Q4_1]
     assert T.gemv_tile(GGMLType.Q4_1, 4096, 1, cuda0) == (bn, warps)  # 256 programs: as tuned
