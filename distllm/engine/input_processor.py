@@ -27,12 +27,47 @@ def load_tokenizer(model_config: ModelConfig):
     if tok_path.endswith(".gguf"):
         return _load_gguf_tokenizer_cached(tok_path)
     try:
-        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code)
+        config = _light_tokenizer_config(tok_path)
+        kwargs = {} if config is None else {"config": config}
+        return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(
             f"cannot load the tokenizer from {tok_path!r} ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
             "Add tokenizer files (tokenizer.json, tokenizer_config.json) to the folder, or pass tokenizer=<folder>."
         ) from None
+
+
+def _light_tokenizer_config(tok_path: str):
+    """A bare config carrying what AutoTokenizer reads from the model's config (model_type,
+    tokenizer_class, name), or None to let it load the config itself.
+
+    AutoTokenizer loads the config through AutoConfig, which imports the model family's modeling
+    stack (torch.distributed.tensor, sympy, ...): ~1 s of Python, and several more at a cold start,
+    where it competes for the GIL with the worker's start-up. Taken only when tokenizer_config.json
+    names its class and ships no remote code, the cases where the config decides nothing else."""
+    from transformers import PreTrainedConfig
+
+    tc_path = os.path.join(tok_path, "tokenizer_config.json")
+    if not os.path.isdir(tok_path) or not os.path.isfile(tc_path):
+        return None
+    try:
+        with open(tc_path) as f:
+            tok_cfg = json.load(f)
+        model_cfg: dict[str, Any] = {}
+        cfg_path = os.path.join(tok_path, "config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                model_cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not tok_cfg.get("tokenizer_class") or "auto_map" in tok_cfg or "auto_map" in model_cfg:
+        return None
+    config = PreTrainedConfig()
+    config.model_type = model_cfg.get("model_type", "")
+    config._name_or_path = tok_path
+    if model_cfg.get("tokenizer_class"):
+        config.tokenizer_class = model_cfg["tokenizer_class"]
+    return config
 
 
 def _tokenizer_cache_dir(gguf_path: str) -> str:
