@@ -18,6 +18,7 @@ from torch import nn
 from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from distllm.layers.linear import loaded_shape, materialize, set_weight_loader
 from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight
+from distllm.ops import dispatch
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -81,7 +82,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if qweight is not None:
             logits = qweight.matmul(hidden, self.weight)  # [N, per_rank]
         else:
-            logits = F.linear(hidden, self.weight)  # [N, per_rank]
+            logits = dispatch.linear(hidden, self.weight)  # [N, per_rank]
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)  # [N, per_rank * tp]
         return logits[..., : self.vocab_size]

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight, deferred_device
+from distllm.ops import dispatch
 
 
 def loaded_shape(w: Any) -> tuple[int, ...]:
@@ -104,7 +104,7 @@ class LinearBase(nn.Module):
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.qweight is None:
-            return F.linear(x, self.weight, bias)
+            return dispatch.linear(x, self.weight, bias)
         y = self.qweight.matmul(x, self.weight)
         return y if bias is None else y + bias
 

@@ -72,6 +72,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): the Triton GEMV for decode-sized x and small weights, cuBLAS otherwise."""
+    if use_triton(x):
+        from distllm.ops import triton_gemv
+
+        if triton_gemv.applies(x, weight, bias):
+            return triton_gemv.gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] -> int64 [B], the first index of each row's maximum (torch.argmax(x, -1))."""
     if use_triton(x) and x.dim() == 2:

@@ -53,6 +53,7 @@ def profile_num_gpu_blocks(runner: "ModelRunner", spec: KVCacheSpec) -> int:
         fresh_prefill_only=True,
     )
     torch.cuda.synchronize(device)
+    t_setup = time.perf_counter()
     torch.cuda.reset_peak_memory_stats(device)
     ids = torch.zeros(n_tokens, dtype=torch.int64, device=device)
     pos = torch.cat([torch.arange(n, device=device) for n in lens])
@@ -62,17 +63,21 @@ def profile_num_gpu_blocks(runner: "ModelRunner", spec: KVCacheSpec) -> int:
             # The sampler sees at most one row per sequence.
             runner.model.compute_logits(hidden[: cfg.scheduler_config.max_num_seqs]).float().softmax(-1)
     torch.cuda.synchronize(device)
+    t_forward = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device)
     del hidden
     torch.cuda.empty_cache()
     total = device_total_memory(device)
+    t_end = time.perf_counter()
     free_now, _ = torch.cuda.mem_get_info(device)
     used_by_others = total - free_now - torch.cuda.memory_reserved(device)
     budget = int(total * cfg.cache_config.gpu_memory_utilization) - peak - max(0, used_by_others)
     num_blocks = max(0, budget // spec.block_bytes)
     logger.info(
-        "Memory profile: total %.1f GiB, weights+peak activations %.2f GiB, KV budget %.2f GiB -> %d blocks (%.2f s)",
-        total / 2**30, peak / 2**30, budget / 2**30, num_blocks, time.perf_counter() - t0,
+        "Memory profile: total %.1f GiB, weights+peak activations %.2f GiB, KV budget %.2f GiB -> %d blocks "
+        "(%.2f s: setup %.2f, forward of %d tokens %.2f (first calls load kernels), totals %.2f)",
+        total / 2**30, peak / 2**30, budget / 2**30, num_blocks, t_end - t0, t_setup - t0, n_tokens,
+        t_forward - t_setup, t_end - t_forward,
     )
     need = -(-cfg.scheduler_config.max_model_len // spec.block_size)
     if num_blocks < need:

@@ -1,0 +1,111 @@
+"""Decode GEMV: distllm's Triton kernel (ops/triton_gemv.py) against cuBLAS (torch's F.linear),
+inside CUDA graphs (triton.testing.do_bench_cudagraph), bf16, at M = 1, 2, 4 rows of x, with
+the weight read from HBM (each timed call walks copies of W worth twice the L2).
+
+    python benchmarks/bench_gemv.py [--shapes smollm2,qwen3,llama8b] [--ms 1,2,4] [--quick]
+
+Per weight shape [N, K]: cuBLAS us, the kernel's default config us, and the best config of a
+sweep (BLOCK_N x BLOCK_K x warps), with GB/s of weight bytes; the last lines say at which M and
+up to which weight size the kernel wins, which is what triton_gemv.MAX_M, MAX_WEIGHT_ELEMENTS
+and CONFIGS are set from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    # [N, K] of each decode matmul (qkv fused, gate_up fused, down, LM head)
+    "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
+    "qwen3": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)],
+    "llama8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+}
+
+
+def main() -> None:
+    import torch.nn.functional as F
+    import triton.testing
+
+    from distllm.ops import triton_gemv as tg
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="smollm2,qwen3,llama8b")
+    ap.add_argument("--ms", default="1,2,4")
+    ap.add_argument("--quick", action="store_true", help="fewer sweep configs")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemv needs a CUDA device")
+    ms = [int(v) for v in a.ms.split(",")]
+    block_ns = (2, 4, 8, 16) if a.quick else (1, 2, 4, 8, 16, 32)
+    block_ks = (256, 1024, 2048) if a.quick else (64, 128, 256, 512, 1024, 2048)
+    warps = (4,) if a.quick else (1, 2, 4, 8)
+    configs = list(itertools.product(block_ns, block_ks, warps))
+    print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+          f"{len(configs)} configs swept; CUDA-graph timing (median us)", flush=True)
+
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+
+    def bench(one) -> float:
+        """us per call of one(w) over the rotating copies of W."""
+        def fn():
+            for wc in ws:
+                one(wc)
+        fn()
+        torch.cuda.synchronize()
+        try:
+            t = triton.testing.do_bench_cudagraph(fn, rep=20)
+        except Exception:  # noqa: BLE001 - an older Triton: plain timing
+            t = triton.testing.do_bench(fn, warmup=5, rep=20)
+        return t * 1e3 / len(ws)
+
+    gen = torch.Generator().manual_seed(0)
+    ws: list[torch.Tensor] = []
+    best_rows = []
+    for fam in a.shapes.split(","):
+        for n, k in SHAPES[fam]:
+            w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16).cuda()
+            gb = n * k * 2 / 1e9
+            # Copies of W worth twice the L2, each multiplied once per timed call: in a decode step
+            # every weight comes from HBM, as it does here (time is per copy).
+            ws = [w] + [w.clone() for _ in range(max(0, -(-2 * l2_bytes // (n * k * 2)) - 1))]
+            for m in ms:
+                x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+                ref = F.linear(x.float(), w.float())
+                t_cublas = bench(lambda wc: F.linear(x, wc))
+                t_default = bench(lambda wc: tg.gemv(x, wc))
+                times = []
+                for cfg in configs:
+                    if cfg[1] > max(64, triton.next_power_of_2(k)) or cfg[0] * cfg[1] > 16384:
+                        continue
+                    try:
+                        y = tg.gemv(x, w, config=cfg)
+                        err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                        if err > 2e-2:
+                            print(f"  ERR {cfg}: rel err {err:.1e}", flush=True)
+                            continue
+                        times.append((bench(lambda wc: tg.gemv(x, wc, config=cfg)), cfg))
+                    except Exception as e:  # noqa: BLE001 - a config that doesn't compile is skipped
+                        print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                best_t, best_cfg = min(times)
+                best_rows.append((fam, n, k, m, t_cublas, t_default, best_t, best_cfg))
+                print(f"{fam:8s} N={n:6d} K={k:6d} M={m}: cuBLAS {t_cublas:7.2f} us ({gb / t_cublas * 1e6:6.0f} GB/s) | "
+                      f"gemv default {gemv_cfg_text(tg.gemv_config(n, k))} {t_default:7.2f} us | best {best_cfg} "
+                      f"{best_t:7.2f} us ({gb / best_t * 1e6:6.0f} GB/s) -> {t_cublas / best_t:.2f}x", flush=True)
+    print("\nbest configs (fam, N, K, M, cublas_us, default_us, best_us, (BLOCK_N, BLOCK_K, warps)):")
+    for r in best_rows:
+        print(f"  {r[0]}, {r[1]}, {r[2]}, {r[3]}, {r[4]:.2f}, {r[5]:.2f}, {r[6]:.2f}, {r[7]}")
+
+
+def gemv_cfg_text(cfg: tuple[int, int, int]) -> str:
+    return "x".join(str(v) for v in cfg)
+
+
+if __name__ == "__main__":
+    main()

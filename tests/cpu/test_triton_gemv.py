@@ -1,0 +1,124 @@
+"""The decode GEMV kernel under the Triton interpreter against torch's matmul, and its dispatch rules."""
+
+import os
+
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import importlib
+
+import pytest
+import torch
+
+import triton  # noqa: F401  (a missing or broken interpreter must fail these tests, not skip)
+from triton.runtime.interpreter import InterpretedFunction
+
+import distllm.ops.triton_gemv as _tg
+from distllm.ops import dispatch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreted_kernels():
+    os.environ["TRITON_INTERPRET"] = "1"
+    if not isinstance(_tg._gemv_kernel, InterpretedFunction):
+        importlib.reload(_tg)
+    yield
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+
+
+def _inputs(m, n, k, seed, dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    return x, w, b
+
+
+def _ref(x, w, b=None):
+    y = x.float() @ w.float().T
+    return y if b is None else y + b.float()
+
+
+# fp16 inputs: the interpreter truncates bf16 arithmetic, so bf16 would test the interpreter.
+@pytest.mark.parametrize("m,n,k", [(1, 5, 40), (2, 33, 100), (1, 64, 576), (2, 17, 1536), (1, 130, 257)])
+@pytest.mark.parametrize("config", [None, (4, 64, 2), (16, 256, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_matmul(m, n, k, config, bias):
+    x, w, b = _inputs(m, n, k, seed=m * 7 + n + k)
+    y = _tg.gemv(x, w, b if bias else None, config=config)
+    assert y.shape == (m, n) and y.dtype == x.dtype
+    torch.testing.assert_close(y.float(), _ref(x, w, b if bias else None), rtol=2e-3, atol=2e-3)
+
+
+def test_strided_rows_of_x_and_w():
+    x, w, _ = _inputs(2, 24, 64, seed=3)
+    xw = torch.zeros(2, 80, dtype=x.dtype)
+    xw[:, :64] = x
+    ww = torch.zeros(24, 96, dtype=w.dtype)
+    ww[:, :64] = w
+    y = _tg.gemv(xw[:, :64], ww[:, :64], config=(8, 32, 2))
+    torch.testing.assert_close(y.float(), _ref(x, w), rtol=2e-3, atol=2e-3)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    x, w, _ = _inputs(1, 8, 32, seed=1)
+    with pytest.raises(ValueError, match="K=32"):
+        _tg.gemv(x, w[:, :16])
+
+
+def test_off_by_default():
+    assert "DISTLLM_GEMV" in os.environ or not _tg.ENABLED
+
+
+def test_applies_only_to_decode_rows_small_half_weights(monkeypatch):
+    monkeypatch.setattr(_tg, "ENABLED", True)
+    x, w, b = _inputs(1, 8, 32, seed=2)
+    assert _tg.applies(x, w, b) and _tg.applies(x, w, None)
+    assert not _tg.applies(x.float(), w.float(), None)  # fp32: cuBLAS
+    assert not _tg.applies(x, w.bfloat16(), None)  # mixed dtypes
+    assert not _tg.applies(torch.zeros(_tg.MAX_M + 1, 32, dtype=x.dtype), w, None)  # prefill / big batch
+    assert not _tg.applies(torch.zeros(0, 32, dtype=x.dtype), w, None)
+    assert not _tg.applies(x[:, ::2], w[:, ::2], None)  # not unit-stride along K
+    monkeypatch.setattr(_tg, "MAX_WEIGHT_ELEMENTS", 8 * 32 - 1)
+    assert not _tg.applies(x, w, None)  # large weights stay on cuBLAS
+    monkeypatch.setattr(_tg, "MAX_WEIGHT_ELEMENTS", 8 * 32)
+    monkeypatch.setattr(_tg, "ENABLED", False)
+    assert not _tg.applies(x, w, None)
+
+
+def test_config_follows_weight_size(monkeypatch):
+    monkeypatch.setattr(_tg, "TILES", "table")
+    sizes = [limit for limit, _ in _tg.CONFIGS]
+    assert sizes == sorted(sizes)
+    assert _tg.gemv_config(1, 1) == _tg.CONFIGS[0][1]
+    assert _tg.gemv_config(1 << 31, 1 << 31) == _tg.CONFIGS[-1][1]
+
+
+@pytest.mark.parametrize("k,block_k", [(40, 64), (576, 1024), (1536, 2048), (14336, 2048)])
+def test_oneshot_tiles_cover_k_in_one_step(monkeypatch, k, block_k):
+    monkeypatch.setattr(_tg, "TILES", "oneshot")
+    bn, bk, warps = _tg.gemv_config(960, k)
+    assert bk == block_k and bn * bk <= _tg.ONESHOT_TILE_ELEMENTS and bn >= 1
+    if k <= 2048:
+        x, w, _ = _inputs(1, 9, k, seed=k)
+        torch.testing.assert_close(_tg.gemv(x, w).float(), _ref(x, w), rtol=2e-3, atol=2e-3)
+
+
+def test_dispatch_linear_routes(monkeypatch):
+    monkeypatch.setattr(_tg, "ENABLED", True)
+    x, w, b = _inputs(1, 12, 48, seed=4)
+    calls = []
+    real = _tg.gemv
+    monkeypatch.setattr(_tg, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
+    y = dispatch.linear(x, w, b)
+    assert calls == [1]
+    torch.testing.assert_close(y.float(), _ref(x, w, b), rtol=2e-3, atol=2e-3)
+    dispatch.linear(torch.zeros(_tg.MAX_M + 1, 48, dtype=x.dtype), w)  # prefill rows: torch
+    assert calls == [1]
+    monkeypatch.delenv("DISTLLM_FORCE_TRITON")
+    dispatch.linear(x, w, b)  # CPU tensors: torch
+    assert calls == [1]
