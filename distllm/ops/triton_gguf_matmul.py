@@ -562,7 +562,7 @@ _WORDS = {
 # that ``benchmarks/bench_gguf_quant.py --gemv-sweep`` prints. Empty: not measured yet, every
 # shape takes the heuristic in ``gemv_words_config``.
 GEMV_WORDS_CONFIG: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
-_WORDS_TILE_VALUES = 4096  # heuristic: values decoded per program per K step at most
+_WORDS_TILE_VALUES = 8192  # heuristic: values decoded per program per K step at most
 _WORDS_MAX_UNITS = 32  # heuristic: at most this many units per K step
 _WORDS_MIN_PROGRAMS_PER_SM = 2
 
@@ -578,7 +578,8 @@ def gemv_words_config(t: GGMLType, n: int, k: int, m: int, device: torch.device)
     per step = the whole row up to 32 units (a power of two: short rows such as SmolLM2's K = 576
     take one step, padded and masked), BLOCK_N = the largest of 16, 8, .. that still gives >= 2
     programs per SM (the grid is n / BLOCK_N x m), shrinking units until a step decodes at most
-    4096 values, and one warp per 512 values of a step (1..8)."""
+    _WORDS_TILE_VALUES values, and one warp per 128 quant words of a step (1..8: ~4 words in
+    flight per thread)."""
     for key in ((t.name, n, k, m), (t.name, n, k, 1)):
         if key in GEMV_WORDS_CONFIG:
             return GEMV_WORDS_CONFIG[key]
@@ -591,7 +592,8 @@ def gemv_words_config(t: GGMLType, n: int, k: int, m: int, device: torch.device)
         block_n //= 2
     while units > 1 and block_n * units * uv > _WORDS_TILE_VALUES:
         units //= 2
-    warps = min(8, max(1, _next_pow2(block_n * units * uv // 512)))
+    words = block_n * units * _WORDS[t][2] * (3 if t == GGMLType.Q6_K else 1)  # quant words loaded per step
+    warps = min(8, max(1, _next_pow2(words // 128)))  # ~4 words in flight per thread
     return block_n, units, warps
 
 

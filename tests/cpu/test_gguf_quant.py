@@ -638,7 +638,7 @@ def test_gemv_words_config_chooser(monkeypatch):
             uv = T._WORDS[t][4]
             assert bn & (bn - 1) == 0 and units & (units - 1) == 0 and warps in (1, 2, 4, 8)
             assert bn == 1 or -(-n // bn) * m >= 2 * 132  # >= 2 programs per SM where the rows allow
-            assert bn * units * uv <= 4096
+            assert bn * units * uv <= T._WORDS_TILE_VALUES
     assert T.gemv_words_config(GGMLType.Q4_1, 576, 576, 1, cuda0)[1] == 32  # the whole row in one step
     monkeypatch.setattr(T, "GEMV_WORDS_CONFIG", {("Q4_1", 576, 576, 1): (8, 16, 2)})
     assert T.gemv_words_config(GGMLType.Q4_1, 576, 576, 1, cuda0) == (8, 16, 2)
