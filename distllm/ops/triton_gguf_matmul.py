@@ -39,11 +39,11 @@ words), so every load moves a whole word:
   Q4_0 (18 B = 9 int16): halfword 0 = d, 1 + i: byte j = values 2i + j and 16 + 2i + j.
   Q6_K (210 B = 105 int16): a unit is half a block (128 values): 16 halfwords of each of the two
   low-nibble runs, 16 of high bits, 4 scale halfwords, d.
-* Tiles are [BLOCK_N rows, UNITS units, words per unit, bytes per word]: the word tile is
-  broadcast along the last axis and shifted/masked into values, x is loaded as the matching
-  [1, UNITS, words, bytes] tile (the last axis contiguous in x for the 4-bit types), and each
-  value's scale/min is folded in element-wise: acc += (d q + m) x over the whole K loop, one
-  reduction at the end.
+* Tiles are [BLOCK_N rows, UNITS units, quant words per unit]; a static loop over the bytes of
+  a word shifts/masks them into values (a thread unpacks the words it loaded: no layout
+  conversion) and loads the matching [1, UNITS, words] x values (shared by the rows a thread
+  holds); each value's scale/min is folded in element-wise, acc += (d q + m) x, into a per-word
+  fp32 tile over the whole K loop, reduced once at the end.
 * Tiles come from ``gemv_words_config`` (GEMV_WORDS_CONFIG: measured per (type, N, K, M), else a
   heuristic: whole short rows in one step, small BLOCK_N so small matrices still give >= 2
   programs per SM). The word view needs the row bytes, the row stride and the data pointer to be
