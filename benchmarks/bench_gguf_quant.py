@@ -12,9 +12,15 @@
     python benchmarks/bench_gguf_quant.py [--model F.gguf | --synthetic] [--tokens 128] [--batches 1,64]
                                           [--sweep] [--skip-model]
 
---sweep first tunes the kernels (GEMV tile; GEMV vs tensor-core kernel vs dequantize + cuBLAS
+--sweep first tunes the kernels (byte-GEMV tile; GEMV vs tensor-core kernel vs dequantize + cuBLAS
 for M = 1 .. 256) and prints the figures that set GEMV_MAX_M, MMA_MAX_M and GEMV_CONFIG in
 distllm/ops/triton_gguf_matmul.py.
+
+--gemv-sweep [--gemv-types Q4_1,Q8_0] (and nothing else) times M = 1 and 2 on the SmolLM2-135M
+shapes (Q4_1 960x576, 576x576, 3072x576, 576x1536; Q8_0 LM head 49152x576) and 4096x4096,
+6144x4096, 4096x14336 for every type: cuBLAS bf16 on the dequantized weight, the byte GEMV kernel
+at GEMV_CONFIG, and the word GEMV kernel over tiles around its heuristic (do_bench_cudagraph,
+weights cycled through copies worth 2x the L2), then prints a GEMV_WORDS_CONFIG dict to paste.
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ def sweep_kernels(ms: list[int]) -> list[str]:
 
     n = k = 4096
     gen = torch.Generator().manual_seed(0)
-    saved = (T.GEMV_MAX_M, T.MMA_MAX_M, dict(T.GEMV_CONFIG))
+    saved = (T.GEMV_MAX_M, T.MMA_MAX_M, dict(T.GEMV_CONFIG), T.GEMV_KERNEL)
+    T.GEMV_KERNEL = "bytes"  # GEMV_CONFIG is the byte kernel's tile (--gemv-sweep tunes the word kernel)
     xs = {m: torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda() for m in ms}
     rows = []
     try:
@@ -92,7 +99,140 @@ def sweep_kernels(ms: list[int]) -> list[str]:
                     cells.append(f"M={m}: {us:.1f} us" + ("" if err < 2e-2 else f" (ERR {err:.1e})"))
                 rows.append(f"  {name:15s} " + ", ".join(cells))
     finally:
-        T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_CONFIG = saved
+        T.GEMV_MAX_M, T.MMA_MAX_M, T.GEMV_CONFIG, T.GEMV_KERNEL = saved
+    return rows
+
+
+GEMV_SWEEP_CASES = [("Q4_1", 960, 576), ("Q4_1", 576, 576), ("Q4_1", 3072, 576), ("Q4_1", 576, 1536),
+                    ("Q8_0", 49152, 576)] + [
+    (t, n, k) for t in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K") for n, k in ((4096, 4096), (6144, 4096), (4096, 14336))
+]
+_L2_BYTES = 50 << 20  # H100 L2; each timing cycles through enough weight copies to stream 2x this
+
+
+def _bench_us(fn) -> float:
+    import triton.testing
+
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=5) * 1e3
+    except Exception:  # noqa: BLE001  (no graph capture: plain launches)
+        return triton.testing.do_bench(fn, warmup=10, rep=20) * 1e3
+
+
+def _rotating(tensors: list):
+    """A callable returning the next tensor each call (so a captured graph reads every copy)."""
+    state = {"i": -1}
+
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(tensors)
+        return tensors[state["i"]]
+
+    return nxt
+
+
+def gemv_sweep(types: set[str] | None = None, cases: list | None = None, device: str = "cuda") -> list[str]:
+    """M = 1 and 2 GEMV on the SmolLM2 / 7B-class shapes: cuBLAS bf16 on the dequantized weight,
+    the byte kernel at its GEMV_CONFIG tile, and the word kernel over tiles around its heuristic
+    (coordinate descent on num_warps, BLOCK_N, UNITS). Weights are cycled through copies worth
+    2x the L2 so every call streams them from HBM, as a decode step does. Prints one line per
+    case and a dict for GEMV_WORDS_CONFIG."""
+    import triton
+
+    import distllm.ops.triton_gguf_matmul as T
+    from distllm.ops.gguf_quant import GGMLType, dequantize_ref
+    from distllm.ops.gguf_synthetic import random_blocks
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    rows, best_cfgs = [], {}
+    t_start = time.perf_counter()
+    for name, n, k in cases or GEMV_SWEEP_CASES:
+        if types and name not in types:
+            continue
+        t = GGMLType[name]
+        raw = random_blocks(t, n, k, gen, std=1.0 / k**0.5).to(dev)
+        qbytes = raw.numel()
+        w_ref = dequantize_ref(raw, t)  # fp32 on the GPU
+        copies = max(1, min(256, -(-2 * _L2_BYTES // qbytes)))
+        qws = [raw] + [raw.clone() for _ in range(copies - 1)]
+        bcopies = max(1, min(256, -(-2 * _L2_BYTES // (n * k * 2))))
+        wbf = w_ref.to(torch.bfloat16)
+        wbfs = [wbf] + [wbf.clone() for _ in range(bcopies - 1)]
+        uv = T._WORDS[t][4]
+        n_units = k // uv
+        for m in (1, 2):
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(dev)
+            ref = x.float() @ w_ref.T
+            y = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+
+            def err_of(out: torch.Tensor) -> float:
+                return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+            nb = _rotating(wbfs)
+            us_cublas = _bench_us(lambda: x @ nb().T)
+            flags = []
+            T.gguf_gemv(x, raw, t, y, kernel="bytes")
+            if err_of(y) >= 2e-2:
+                flags.append(f"bytes ERR {err_of(y):.1e}")
+            nq = _rotating(qws)
+            us_bytes = _bench_us(lambda: T.gguf_gemv(x, nq(), t, y, kernel="bytes"))
+            timed: dict[tuple[int, int, int], float] = {}
+
+            def try_cfg(cfg):
+                bn, units, warps = cfg
+                if cfg in timed or not (1 <= bn <= 64 and 1 <= units <= max(1, triton.next_power_of_2(n_units))
+                                        and bn * units * uv <= 16384 and warps in (1, 2, 4, 8, 16)):
+                    return
+                try:
+                    T.gguf_gemv(x, raw, t, y, kernel="words", config=cfg)
+                    e = err_of(y)
+                    if e >= 2e-2:
+                        flags.append(f"{cfg} ERR {e:.1e}")
+                        timed[cfg] = float("inf")
+                        return
+                    timed[cfg] = _bench_us(lambda: T.gguf_gemv(x, nq(), t, y, kernel="words", config=cfg))
+                except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory / registers)
+                    flags.append(f"{cfg} FAILED {type(exc).__name__}")
+                    timed[cfg] = float("inf")
+
+            def best():
+                return min(timed, key=timed.get)
+
+            if m == 1:
+                start = T.gemv_words_config(t, n, k, 1, dev)
+                for warps in (2, 4, 8):
+                    try_cfg((start[0], start[1], warps))
+                for _ in range(2):  # two rounds of coordinate descent
+                    bn, units, warps = best()
+                    for cfg in ((bn // 2, units, warps), (bn * 2, units, warps)):
+                        try_cfg(cfg)
+                    bn, units, warps = best()
+                    for cfg in ((bn, units // 2, warps), (bn, units * 2, warps)):
+                        try_cfg(cfg)
+                    bn, units, warps = best()
+                    for cfg in ((bn, units, max(1, warps // 2)), (bn, units, warps * 2)):
+                        try_cfg(cfg)
+            else:  # M = 2: around M = 1's best and the heuristic
+                bn, units, warps = best_cfgs[(name, n, k, 1)]
+                for cfg in ((bn, units, warps), (bn // 2, units, warps), (bn * 2, units, warps),
+                            T.gemv_words_config(t, n, k, 2, dev)):
+                    try_cfg(cfg)
+            cfg = best()
+            us = timed[cfg]
+            best_cfgs[(name, n, k, m)] = cfg
+            line = (f"{name} N={n:<6d} K={k:<6d} M={m}: cuBLAS bf16 {us_cublas:7.1f} us | bytes {us_bytes:7.1f} us "
+                    f"({qbytes / us_bytes / 1e3:5.0f} GB/s) | words best (BLOCK_N, UNITS, warps)={cfg} {us:7.1f} us "
+                    f"({qbytes / us / 1e3:5.0f} GB/s) | {us_cublas / us:.2f}x cuBLAS, {us_bytes / us:.2f}x bytes "
+                    f"[{len(timed)} tiles, {time.perf_counter() - t_start:.0f} s]")
+            if flags:
+                line += "  " + "; ".join(flags)
+            rows.append(line)
+            print(line, flush=True)
+        del qws, wbfs
+        torch.cuda.empty_cache()
+    rows.append("GEMV_WORDS_CONFIG = {")
+    rows += [f"    {key!r}: {cfg!r}," for key, cfg in best_cfgs.items()]
+    rows.append("}")
     return rows
 
 
@@ -143,8 +283,15 @@ def main() -> None:
     ap.add_argument("--kernel-m", default="1,16")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="kernel tuning sweep (tile sizes, path per M)")
+    ap.add_argument("--gemv-sweep", action="store_true",
+                    help="M=1/2 GEMV: cuBLAS bf16 vs the byte kernel vs the word kernel over its tiles, on the "
+                         "SmolLM2 and 4096-wide shapes; prints a GEMV_WORDS_CONFIG dict, then exits")
+    ap.add_argument("--gemv-types", default=None, help="with --gemv-sweep: only these types (comma list, e.g. Q4_1,Q8_0)")
     args = ap.parse_args()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.gemv_sweep:
+        print("\n".join(gemv_sweep(set(args.gemv_types.split(",")) if args.gemv_types else None)), flush=True)
+        return
     if args.sweep:
         print("\n".join(sweep_kernels([1, 2, 4, 8, 16, 32, 64, 256])), flush=True)
     rows = bench_kernels([int(m) for m in args.kernel_m.split(",")])

@@ -24,6 +24,32 @@ Design
   ``benchmarks/bench_gguf_quant.py --sweep`` on an H200: see GEMV_MAX_M, MMA_MAX_M, GEMV_CONFIG.
 * The launch depends only on shapes (no host sync, no data-dependent grid): CUDA-graph safe.
 * fp16 scales are assembled from two bytes, so rows need no particular alignment.
+
+Word GEMV (default for M <= GEMV_MAX_M)
+---------------------------------------
+``_gemv_kernel`` loads one byte per quant byte (a row stride like 360 bytes gives Triton no
+alignment to vectorize with) and reduces across threads every K step. ``_gemv_words_kernel``
+reads the same rows through a zero-copy ``qweight.view(int32 / int16)`` (row stride passed in
+words), so every load moves a whole word:
+
+* Q4_1 (20 B = 5 int32): word 0 = d | m << 16; words 1..4: byte j of word i = values 4i + j (low
+  nibble) and 16 + 4i + j (high).  Q4_K (144 B = 36 int32): word 0 = d | dmin << 16, words 1..3
+  the 12 scale bytes, words 4 + 8g + i: byte j = values 64g + 4i + j and + 32.
+* Q8_0 (34 B = 17 int16): halfword 0 = d, halfword 1 + i = int8 values 2i, 2i + 1.
+  Q4_0 (18 B = 9 int16): halfword 0 = d, 1 + i: byte j = values 2i + j and 16 + 2i + j.
+  Q6_K (210 B = 105 int16): a unit is half a block (128 values): 16 halfwords of each of the two
+  low-nibble runs, 16 of high bits, 4 scale halfwords, d.
+* Tiles are [BLOCK_N rows, UNITS units, quant words per unit]; a static loop over the bytes of
+  a word shifts/masks them into values (a thread unpacks the words it loaded: no layout
+  conversion) and loads the matching [1, UNITS, words] x values (shared by the rows a thread
+  holds); each value's scale/min is folded in element-wise, acc += (d q + m) x, into a per-word
+  fp32 tile over the whole K loop, reduced once at the end.
+* Tiles come from ``gemv_words_config`` (GEMV_WORDS_CONFIG: measured per (type, N, K, M), else a
+  heuristic: whole short rows in one step, small BLOCK_N so small matrices still give >= 2
+  programs per SM). The word view needs the row bytes, the row stride and the data pointer to be
+  multiples of the word size; otherwise the byte kernel runs.
+* ``DISTLLM_GGUF_GEMV=words|bytes`` (read at import into GEMV_KERNEL, default ``words``) picks
+  the word kernel or the byte kernel (``_gemv_kernel``) for GEMV-sized M.
 """
 
 from __future__ import annotations
@@ -132,6 +158,136 @@ def _gemv_kernel(
             part = d * tl.sum(sc_lo * q_lo.to(tl.float32) * x_lo + sc_hi * q_hi.to(tl.float32) * x_hi, axis=2, keep_dims=True)
         acc += tl.sum(tl.sum(part, axis=2), axis=1)
     tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _f16_lo(w):
+    """fp16 in the low 16 bits of int32 words -> fp32."""
+    return (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _f16_hi(w):
+    """fp16 in the high 16 bits of int32 words -> fp32."""
+    return ((w >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _q4k_scale_min_words(w1, w2, w3, s):
+    """6-bit (scale, min) of sub-block s (0..7) from the Q4_K scale words 1..3 (bytes 4..15 of
+    the block: byte sl of word 1/2/3 = scale byte sl/4 + sl/8 + sl) -> fp32."""
+    sh = 8 * (s % 4)
+    lo = (w1 >> sh) & 0xFF
+    mid = (w2 >> sh) & 0xFF
+    hi = (w3 >> sh) & 0xFF
+    sc = tl.where(s < 4, lo & 0x3F, (hi & 0x0F) | ((lo >> 2) & 0x30))
+    mn = tl.where(s < 4, mid & 0x3F, (hi >> 4) | ((mid >> 2) & 0x30))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _i8_of(w, sel):
+    """Signed byte ``sel`` (0 or 1) of sign-extended int16 words (int32 tensors) -> int32."""
+    return (w << (24 - 8 * sel)) >> 24
+
+
+@triton.jit
+def _gemv_words_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, K,
+    stride_xm, stride_wn, stride_ym,
+    QTYPE: tl.constexpr, TW: tl.constexpr, QW: tl.constexpr, E: tl.constexpr, UV: tl.constexpr,
+    BLOCK_N: tl.constexpr, UNITS: tl.constexpr,
+):
+    """y[m, n-tile] for one x row m, weights read as words (int32 or int16: ``w_ptr``'s type).
+    A block is TW words; a unit (UV values) has QW quant words of E bytes each. Tiles are
+    [BLOCK_N, UNITS, QW] words; the E bytes of each word are unpacked by a static loop (so a
+    thread keeps the bytes of the words it loaded), and acc holds one running sum per word
+    position over the whole K loop, reduced once at the end."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < N)[:, None, None]
+    rows = w_ptr + (offs_n.to(tl.int64) * stride_wn)[:, None, None]  # [BN, 1, 1] row starts
+    wi = tl.arange(0, QW)[None, None, :]  # [1, 1, QW] quant word inside a unit
+    x_row = x_ptr + m * stride_xm
+    n_units = K // UV
+    acc = tl.zeros([BLOCK_N, UNITS, QW], dtype=tl.float32)
+    for u0 in range(0, n_units, UNITS):
+        u = (u0 + tl.arange(0, UNITS))[None, :, None]  # [1, U, 1]
+        mask_u = u < n_units
+        mask = mask_n & mask_u
+        if QTYPE == 8:  # Q8_0, int16: d | 16 halfwords of two int8 values (2 wi + j)
+            blk = rows + u * TW
+            d = tl.load(blk, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)  # [BN, U, 1]
+            w = tl.load(blk + 1 + wi, mask=mask, other=0).to(tl.int32)  # [BN, U, QW], sign-extended
+            kx = u * 32 + 2 * wi
+            for j in tl.static_range(E):
+                x = tl.load(x_row + kx + j, mask=mask_u, other=0.0).to(tl.float32)  # [1, U, QW]
+                acc += (d * _i8_of(w, j).to(tl.float32)) * x
+        elif QTYPE == 2 or QTYPE == 3:  # Q4_0 (int16) / Q4_1 (int32): byte j of quant word wi = values E wi + j, + 16
+            blk = rows + u * TW
+            if QTYPE == 2:  # d | 8 halfwords; w = d (q - 8)
+                d = tl.load(blk, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+                mn = -8.0 * d
+                w = tl.load(blk + 1 + wi, mask=mask, other=0).to(tl.int32)
+            else:  # d | m << 16, 4 words; w = d q + m
+                dw = tl.load(blk, mask=mask, other=0)
+                d = _f16_lo(dw)
+                mn = _f16_hi(dw)
+                w = tl.load(blk + 1 + wi, mask=mask, other=0)
+            kx = u * 32 + E * wi
+            for j in tl.static_range(E):
+                x_lo = tl.load(x_row + kx + j, mask=mask_u, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_row + kx + (16 + j), mask=mask_u, other=0.0).to(tl.float32)
+                lo = ((w >> (8 * j)) & 0xF).to(tl.float32)
+                hi = ((w >> (8 * j + 4)) & 0xF).to(tl.float32)
+                acc += (d * lo + mn) * x_lo + (d * hi + mn) * x_hi
+        elif QTYPE == 12:  # Q4_K, int32: unit = 64 values g of block b: words 4 + 8 g + wi
+            blk = rows + (u // 4) * TW
+            g = u % 4
+            dw = tl.load(blk, mask=mask, other=0)
+            d = _f16_lo(dw)
+            dmin = _f16_hi(dw)
+            w1 = tl.load(blk + 1, mask=mask, other=0)
+            w2 = tl.load(blk + 2, mask=mask, other=0)
+            w3 = tl.load(blk + 3, mask=mask, other=0)
+            sc_lo, mn_lo = _q4k_scale_min_words(w1, w2, w3, 2 * g)
+            sc_hi, mn_hi = _q4k_scale_min_words(w1, w2, w3, 2 * g + 1)
+            a_lo = d * sc_lo
+            b_lo = -dmin * mn_lo
+            a_hi = d * sc_hi
+            b_hi = -dmin * mn_hi
+            w = tl.load(blk + 4 + g * 8 + wi, mask=mask, other=0)
+            kx = (u // 4) * 256 + g * 64 + 4 * wi
+            for j in tl.static_range(E):
+                x_lo = tl.load(x_row + kx + j, mask=mask_u, other=0.0).to(tl.float32)
+                x_hi = tl.load(x_row + kx + (32 + j), mask=mask_u, other=0.0).to(tl.float32)
+                lo = ((w >> (8 * j)) & 0xF).to(tl.float32)
+                hi = ((w >> (8 * j + 4)) & 0xF).to(tl.float32)
+                acc += (a_lo * lo + b_lo) * x_lo + (a_hi * hi + b_hi) * x_hi
+        else:  # Q6_K, int16: unit = half h of block b, values 128 h + 32 i + 2 wi + j for i = 0..3
+            blk = rows + (u // 2) * TW
+            h = u % 2
+            qa = tl.load(blk + h * 32 + wi, mask=mask, other=0).to(tl.int32)  # ql bytes 64 h + 2 wi + j
+            qb = tl.load(blk + h * 32 + 16 + wi, mask=mask, other=0).to(tl.int32)  # ql bytes 64 h + 32 + 2 wi + j
+            qh = tl.load(blk + 64 + h * 16 + wi, mask=mask, other=0).to(tl.int32)  # qh bytes 32 h + 2 wi + j
+            d = tl.load(blk + 104, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+            sel = wi // 8  # scale of value 128 h + 32 i + l: byte l // 16 of halfword 96 + 4 h + i
+            kx = (u // 2) * 256 + h * 128 + 2 * wi
+            for i in tl.static_range(4):
+                sw = tl.load(blk + 96 + h * 4 + i, mask=mask, other=0).to(tl.int32)  # [BN, U, 1]
+                ds = d * _i8_of(sw, sel).to(tl.float32)  # [BN, U, QW]
+                for j in tl.static_range(E):
+                    if i % 2 == 0:
+                        low = (qa >> (8 * j + 4 * (i // 2))) & 0xF
+                    else:
+                        low = (qb >> (8 * j + 4 * (i // 2))) & 0xF
+                    q = (low | (((qh >> (8 * j + 2 * i)) & 3) << 4)) - 32
+                    x = tl.load(x_row + kx + (32 * i + j), mask=mask_u, other=0.0).to(tl.float32)
+                    acc += (ds * q.to(tl.float32)) * x
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
@@ -382,11 +538,103 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
             DOT_F32=x.dtype == torch.float32 or _INTERPRET, num_warps=4,
         )
         return y
+    gguf_gemv(x, qweight, t, y)
+    return y
+
+
+# ----------------------------------------------------------------------------- word GEMV
+
+# DISTLLM_GGUF_GEMV=words|bytes: the GEMV kernel for M <= GEMV_MAX_M (module docstring).
+GEMV_KERNEL = os.environ.get("DISTLLM_GGUF_GEMV", "words").strip().lower()
+if GEMV_KERNEL not in ("words", "bytes"):
+    raise ValueError(f"DISTLLM_GGUF_GEMV must be 'words' or 'bytes', got {GEMV_KERNEL!r}.")
+
+# Word geometry per type: (word dtype, words per block TW, quant words per unit QW, bytes per
+# word E, values per unit UV). A type missing here always runs the byte kernel.
+_WORDS = {
+    GGMLType.Q8_0: (torch.int16, 17, 16, 2, 32),
+    GGMLType.Q4_0: (torch.int16, 9, 8, 2, 32),
+    GGMLType.Q4_1: (torch.int32, 5, 4, 4, 32),
+    GGMLType.Q4_K: (torch.int32, 36, 8, 4, 64),
+    GGMLType.Q6_K: (torch.int16, 105, 16, 2, 128),
+}
+# Measured word-GEMV tiles (BLOCK_N, UNITS, num_warps) by (type name, N, K, M): paste the dict
+# that ``benchmarks/bench_gguf_quant.py --gemv-sweep`` prints. Empty: not measured yet, every
+# shape takes the heuristic in ``gemv_words_config``.
+GEMV_WORDS_CONFIG: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
+_WORDS_TILE_VALUES = 8192  # heuristic: values decoded per program per K step at most
+_WORDS_MAX_UNITS = 32  # heuristic: at most this many units per K step
+_WORDS_MIN_PROGRAMS_PER_SM = 2
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, v - 1).bit_length()
+
+
+def gemv_words_config(t: GGMLType, n: int, k: int, m: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, UNITS per K step, num_warps) of the word GEMV for y [m, n] = x [m, k] @ W.T.
+
+    GEMV_WORDS_CONFIG first (exact (type, n, k, m), then the same shape at m = 1); else: units
+    per step = the whole row up to 32 units (a power of two: short rows such as SmolLM2's K = 576
+    take one step, padded and masked), BLOCK_N = the largest of 16, 8, .. that still gives >= 2
+    programs per SM (the grid is n / BLOCK_N x m), shrinking units until a step decodes at most
+    _WORDS_TILE_VALUES values, and one warp per 128 quant words of a step (1..8: ~4 words in
+    flight per thread)."""
+    for key in ((t.name, n, k, m), (t.name, n, k, 1)):
+        if key in GEMV_WORDS_CONFIG:
+            return GEMV_WORDS_CONFIG[key]
+    _, _, _, _, uv = _WORDS[t]
+    n_units = max(1, k // uv)
+    units = min(_next_pow2(n_units), _WORDS_MAX_UNITS, max(1, _WORDS_TILE_VALUES // uv))
+    sms = _sm_count(device) if device.type == "cuda" else 132
+    block_n = 16
+    while block_n > 1 and triton.cdiv(n, block_n) * m < _WORDS_MIN_PROGRAMS_PER_SM * sms:
+        block_n //= 2
+    while units > 1 and block_n * units * uv > _WORDS_TILE_VALUES:
+        units //= 2
+    words = block_n * units * _WORDS[t][2] * (3 if t == GGMLType.Q6_K else 1)  # quant words loaded per step
+    warps = min(8, max(1, _next_pow2(words // 128)))  # ~4 words in flight per thread
+    return block_n, units, warps
+
+
+def gemv_words_view(qweight: torch.Tensor, t: GGMLType) -> torch.Tensor | None:
+    """``qweight`` [N, bytes] as [N, words] of the type's word dtype (a zero-copy view), or None
+    where that is not legal: row bytes, row stride, storage offset or data pointer not a multiple
+    of the word size, or a type without a word kernel."""
+    geo = _WORDS.get(t)
+    if geo is None:
+        return None
+    ws = geo[0].itemsize
+    if (qweight.stride(1) != 1 or qweight.shape[1] % ws or qweight.stride(0) % ws
+            or qweight.storage_offset() % ws or qweight.data_ptr() % ws):
+        return None
+    try:
+        return qweight.view(geo[0])
+    except RuntimeError:
+        return None
+
+
+def gguf_gemv(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType, y: torch.Tensor,
+              kernel: str | None = None, config: tuple[int, int, int] | None = None) -> str:
+    """y [M, N] = x [M, K] @ dequant(W).T with a GEMV kernel (one program per BLOCK_N rows and x
+    row). ``kernel``: 'words' or 'bytes' (default GEMV_KERNEL); 'words' falls back to 'bytes'
+    where the word view is not legal. ``config``: the words tile (BLOCK_N, UNITS, num_warps),
+    default ``gemv_words_config``. Returns the kernel that ran."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    words = gemv_words_view(qweight, t) if (kernel or GEMV_KERNEL) == "words" else None
+    if words is not None:
+        _, tw, qw, e, uv = _WORDS[t]
+        block_n, units, warps = config or gemv_words_config(t, n, k, m, x.device)
+        _gemv_words_kernel[(triton.cdiv(n, block_n), m)](
+            x, words, y, n, k, x.stride(0), words.stride(0), y.stride(0),
+            QTYPE=int(t), TW=tw, QW=qw, E=e, UV=uv, BLOCK_N=block_n, UNITS=units, num_warps=warps,
+        )
+        return "words"
     ub, uv, units = _UNITS[t]
     block_n, warps = gemv_tile(t, n, m, x.device)
-    grid = (triton.cdiv(n, block_n), m)
-    _gemv_kernel[grid](
+    _gemv_kernel[(triton.cdiv(n, block_n), m)](
         x, qweight, y, n, k, x.stride(0), qweight.stride(0), y.stride(0),
         QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_N=block_n, UNITS=units, UB=ub, UV=uv, num_warps=warps,
     )
-    return y
+    return "bytes"

@@ -538,3 +538,131 @@ def test_gemv_tile_fills_the_sms_on_small_matrices(monkeypatch):
     assert T.gemv_tile(GGMLType.Q4_1, 576, 1, torch.device("cpu")) == (bn, warps)
     monkeypatch.setattr(T, "GEMV_MIN_WAVES", 0.0)
     assert T.gemv_tile(GGMLType.Q4_1, 576, 1, cuda0) == (bn, warps)
+
+
+# --------------------------------------------------------------------------- word GEMV kernel
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """Names of the GEMV kernels launched ('words' / 'bytes'), in order."""
+    calls = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            calls.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(_tgm, "_gemv_words_kernel", Spy("words", _tgm._gemv_words_kernel))
+    monkeypatch.setattr(_tgm, "_gemv_kernel", Spy("bytes", _tgm._gemv_kernel))
+    return calls
+
+
+def _gemv_case(qtype, n, n_blocks, m, dtype=torch.float32, seed=0, row_stride=None, offset=0):
+    """Random rows (optionally inside a wider buffer at a column offset), x and the fp64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    k = n_blocks * LAYOUTS[qtype].block_size
+    raw = synth_blocks(qtype, n, k, gen)
+    w = raw
+    if row_stride is not None:
+        buf = torch.randint(0, 256, (n, row_stride), dtype=torch.uint8, generator=gen)  # garbage around the rows
+        buf[:, offset:offset + raw.shape[1]] = raw
+        w = buf[:, offset:offset + raw.shape[1]]
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ref = x.double() @ dequantize_ref(raw, qtype).double().T
+    return x, w, ref
+
+
+from distllm.ops.gguf_synthetic import random_blocks as synth_blocks  # noqa: E402
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("kernel", ["words", "bytes"])
+def test_gemv_kernels_match_dequant_matmul(qtype, m, kernel, monkeypatch, gemv_calls):
+    """N = 13 rows with BLOCK_N = 4 (a partial row tile), 3 blocks per row (an odd count: a
+    partial unit step for every type), through ``gguf_matmul`` with DISTLLM_GGUF_GEMV's setting."""
+    monkeypatch.setattr(_tgm, "GEMV_MAX_M", 4)
+    monkeypatch.setattr(_tgm, "GEMV_KERNEL", kernel)
+    monkeypatch.setattr(_tgm, "GEMV_WORDS_CONFIG", {(qtype.name, 13, 3 * LAYOUTS[qtype].block_size, 1): (4, 4, 2)})
+    x, w, ref = _gemv_case(qtype, 13, 3, m, seed=int(qtype) + 10 * m)
+    y = _tgm.gguf_matmul(x, w, qtype)
+    assert gemv_calls == [kernel]
+    assert y.shape == (m, 13) and _rel_err(y, ref.float()) < 1e-4
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("legal", [True, False], ids=["word-aligned", "unaligned"])
+def test_gemv_words_strided_rows_and_fallback(qtype, legal, gemv_calls):
+    """Rows inside a wider buffer (mixed-type stacks). Word-aligned stride and offset: the word
+    kernel reads them with the stride in words; a stride or offset that is not a multiple of the
+    word size (int32 for Q4_1/Q4_K, int16 for the others): the byte kernel, same result."""
+    nb = 1 if LAYOUTS[qtype].block_size == 256 else 3
+    rb = nb * LAYOUTS[qtype].type_size
+    if legal:
+        stride, offset = rb + 8, 4
+    else:  # stride 2 mod 4 breaks int32 words; an odd stride and offset break int16 words too
+        stride, offset = (rb + 6, 0) if qtype in (GGMLType.Q4_1, GGMLType.Q4_K) else (rb + 3, 1)
+    x, w, ref = _gemv_case(qtype, 6, nb, 2, dtype=torch.float16, seed=int(qtype), row_stride=stride, offset=offset)
+    assert w.stride(0) == stride and (_tgm.gemv_words_view(w, qtype) is not None) == legal
+    y = torch.empty(2, 6, dtype=torch.float16)
+    assert _tgm.gguf_gemv(x, w, qtype, y, kernel="words", config=(4, 2, 1)) == ("words" if legal else "bytes")
+    assert gemv_calls == ["words" if legal else "bytes"]
+    assert _rel_err(y, ref.float()) < 1e-2
+
+
+@pytest.mark.parametrize("qtype,n,k", [(GGMLType.Q4_1, 5, 576), (GGMLType.Q4_1, 3, 1536), (GGMLType.Q8_0, 5, 576)],
+                         ids=["Q4_1-576", "Q4_1-1536", "Q8_0-576"])
+def test_gemv_words_smollm2_shapes(qtype, n, k, gemv_calls):
+    """SmolLM2-135M's K (576: 18 blocks, one padded step of 32 units; 1536: 48 blocks, two steps)
+    with the default tile chooser, fp16 x, M = 1 and 2."""
+    for m in (1, 2):
+        x, w, ref = _gemv_case(qtype, n, k // 32, m, dtype=torch.float16, seed=k + m)
+        y = _tgm.gguf_matmul(x, w, qtype)
+        assert y.dtype == torch.float16 and _rel_err(y, ref.float()) < 1e-2
+    assert gemv_calls == ["words", "words"]
+
+
+def test_gemv_words_config_chooser(monkeypatch):
+    T = _tgm
+    monkeypatch.setitem(T._SM_COUNTS, 0, 132)
+    cuda0 = torch.device("cuda", 0)
+    for t, n, k in [(GGMLType.Q4_1, 576, 576), (GGMLType.Q4_1, 960, 576), (GGMLType.Q4_1, 3072, 576),
+                    (GGMLType.Q4_1, 576, 1536), (GGMLType.Q8_0, 49152, 576), (GGMLType.Q4_K, 4096, 4096),
+                    (GGMLType.Q6_K, 4096, 14336)]:
+        for m in (1, 2):
+            bn, units, warps = T.gemv_words_config(t, n, k, m, cuda0)
+            uv = T._WORDS[t][4]
+            assert bn & (bn - 1) == 0 and units & (units - 1) == 0 and warps in (1, 2, 4, 8)
+            assert bn == 1 or -(-n // bn) * m >= 2 * 132  # >= 2 programs per SM where the rows allow
+            assert bn * units * uv <= T._WORDS_TILE_VALUES
+    assert T.gemv_words_config(GGMLType.Q4_1, 576, 576, 1, cuda0)[1] == 32  # the whole row in one step
+    monkeypatch.setattr(T, "GEMV_WORDS_CONFIG", {("Q4_1", 576, 576, 1): (8, 16, 2)})
+    assert T.gemv_words_config(GGMLType.Q4_1, 576, 576, 1, cuda0) == (8, 16, 2)
+    assert T.gemv_words_config(GGMLType.Q4_1, 576, 576, 2, cuda0) == (8, 16, 2)  # falls back to M = 1's entry
+
+
+def test_gemv_env_switch_selects_kernel(monkeypatch):
+    """DISTLLM_GGUF_GEMV is read at import: 'bytes' runs the byte kernel, 'words' (default) the
+    word kernel, anything else is an error."""
+    x, w, ref = _gemv_case(GGMLType.Q4_0, 4, 1, 1, seed=3)
+    try:
+        for env, want in ((None, "words"), ("bytes", "bytes"), ("words", "words")):
+            if env is None:
+                monkeypatch.delenv("DISTLLM_GGUF_GEMV", raising=False)
+            else:
+                monkeypatch.setenv("DISTLLM_GGUF_GEMV", env)
+            importlib.reload(_tgm)
+            assert _tgm.GEMV_KERNEL == want
+            y = torch.empty(1, 4)
+            assert _tgm.gguf_gemv(x, w, GGMLType.Q4_0, y, config=(4, 1, 1)) == want
+            assert _rel_err(y, ref.float()) < 1e-4
+        monkeypatch.setenv("DISTLLM_GGUF_GEMV", "nibbles")
+        with pytest.raises(ValueError, match="DISTLLM_GGUF_GEMV"):
+            importlib.reload(_tgm)
+    finally:
+        monkeypatch.delenv("DISTLLM_GGUF_GEMV", raising=False)
+        importlib.reload(_tgm)
