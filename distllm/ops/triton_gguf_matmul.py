@@ -558,10 +558,34 @@ _WORDS = {
     GGMLType.Q4_K: (torch.int32, 36, 8, 4, 64),
     GGMLType.Q6_K: (torch.int16, 105, 16, 2, 128),
 }
-# Measured word-GEMV tiles (BLOCK_N, UNITS, num_warps) by (type name, N, K, M): paste the dict
-# that ``benchmarks/bench_gguf_quant.py --gemv-sweep`` prints. Empty: not measured yet, every
-# shape takes the heuristic in ``gemv_words_config``.
-GEMV_WORDS_CONFIG: dict[tuple[str, int, int, int], tuple[int, int, int]] = {}
+# Measured word-GEMV tiles (BLOCK_N, UNITS, num_warps) by (type name, N, K, M): the dict that
+# ``benchmarks/bench_gguf_quant.py --gemv-sweep --gemv-types Q4_1,Q8_0`` printed on an H200
+# (2026-11-27; SmolLM2-135M and Llama-8B shapes). Other shapes take the heuristic in
+# ``gemv_words_config``.
+GEMV_WORDS_CONFIG: dict[tuple[str, int, int, int], tuple[int, int, int]] = {
+    ('Q4_1', 960, 576, 1): (4, 32, 16),
+    ('Q4_1', 960, 576, 2): (8, 32, 16),
+    ('Q4_1', 576, 576, 1): (2, 32, 8),
+    ('Q4_1', 576, 576, 2): (4, 32, 8),
+    ('Q4_1', 3072, 576, 1): (8, 32, 8),
+    ('Q4_1', 3072, 576, 2): (16, 32, 8),
+    ('Q4_1', 576, 1536, 1): (2, 32, 8),
+    ('Q4_1', 576, 1536, 2): (2, 32, 8),
+    ('Q8_0', 49152, 576, 1): (8, 4, 1),
+    ('Q8_0', 49152, 576, 2): (16, 4, 1),
+    ('Q8_0', 4096, 4096, 1): (8, 16, 4),
+    ('Q8_0', 4096, 4096, 2): (16, 16, 4),
+    ('Q8_0', 6144, 4096, 1): (8, 16, 2),
+    ('Q8_0', 6144, 4096, 2): (16, 16, 2),
+    ('Q8_0', 4096, 14336, 1): (8, 16, 4),
+    ('Q8_0', 4096, 14336, 2): (16, 16, 4),
+    ('Q4_1', 4096, 4096, 1): (4, 32, 8),
+    ('Q4_1', 4096, 4096, 2): (4, 32, 8),
+    ('Q4_1', 6144, 4096, 1): (8, 16, 8),
+    ('Q4_1', 6144, 4096, 2): (8, 16, 8),
+    ('Q4_1', 4096, 14336, 1): (4, 32, 8),
+    ('Q4_1', 4096, 14336, 2): (4, 32, 8),
+}
 _WORDS_TILE_VALUES = 8192  # heuristic: values decoded per program per K step at most
 _WORDS_MAX_UNITS = 32  # heuristic: at most this many units per K step
 _WORDS_MIN_PROGRAMS_PER_SM = 2

@@ -628,6 +628,10 @@ def test_gemv_words_smollm2_shapes(qtype, n, k, gemv_calls):
 
 def test_gemv_words_config_chooser(monkeypatch):
     T = _tgm
+    for (name, n, k, m), (bn, units, warps) in T.GEMV_WORDS_CONFIG.items():  # the measured table
+        assert name in GGMLType.__members__ and n > 0 and k > 0 and m >= 1
+        assert bn & (bn - 1) == 0 and units & (units - 1) == 0 and warps in (1, 2, 4, 8, 16)
+    monkeypatch.setattr(T, "GEMV_WORDS_CONFIG", {})  # the heuristic for every other shape
     monkeypatch.setitem(T._SM_COUNTS, 0, 132)
     cuda0 = torch.device("cuda", 0)
     for t, n, k in [(GGMLType.Q4_1, 576, 576), (GGMLType.Q4_1, 960, 576), (GGMLType.Q4_1, 3072, 576),

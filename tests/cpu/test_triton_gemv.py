@@ -69,8 +69,9 @@ def test_shape_mismatch_is_a_clear_error():
         _tg.gemv(x, w[:, :16])
 
 
-def test_off_by_default():
-    assert "DISTLLM_GEMV" in os.environ or not _tg.ENABLED
+def test_on_by_default_with_oneshot_tiles():
+    assert "DISTLLM_GEMV" in os.environ or _tg.ENABLED
+    assert "DISTLLM_GEMV_TILES" in os.environ or _tg.TILES == "oneshot"
 
 
 def test_applies_only_to_decode_rows_small_half_weights(monkeypatch):
