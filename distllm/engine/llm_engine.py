@@ -6,7 +6,7 @@ import gc
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from distllm.config import EngineArgs, EngineConfig
 from distllm.core.request import Request, RequestStatus
@@ -27,15 +27,27 @@ def _timed(fn, *args):
     return out, time.perf_counter() - t
 
 
+def _load_tokenizer(model_config, in_thread: bool) -> Callable[[], tuple[Any, float]]:
+    """Starts loading the tokenizer (in a thread, or here and now); the returned call gives
+    (tokenizer, seconds taken), waiting for the thread if there is one."""
+    if not in_thread:
+        result = _timed(load_tokenizer, model_config)
+        return lambda: result
+    import safetensors  # noqa: F401 - imported here first, so the two threads never race on it
+    import torch  # noqa: F401
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="distllm-tokenizer")
+    future = pool.submit(_timed, load_tokenizer, model_config)
+    pool.shutdown(wait=False)  # its one thread exits once the tokenizer is loaded
+    return future.result
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
         self.model_config = config.model_config
         self.dead_error: str | None = None
-        import safetensors  # noqa: F401 - imported here first, so the two threads never race on it
-        import torch  # noqa: F401
-
         # With workers in other processes, the tokenizer (mostly the import of transformers) loads
         # in a thread while they load weights, profile memory and capture graphs. An in-process
         # worker would share the GIL with that thread: each of its thousands of start-up torch
@@ -43,19 +55,15 @@ class LLMEngine:
         # thread against 2.6 s after it (8B cold start 15.9 s threaded, 13.7 s one after the other).
         overlap = config.parallel_config.distributed_executor_backend != "uni"
         tok_where = "beside the workers' start" if overlap else "before the worker's start"
-        with ThreadPoolExecutor(1, thread_name_prefix="distllm-tokenizer") as pool:
-            if overlap:
-                tok_future = pool.submit(_timed, load_tokenizer, config.model_config)
-            else:
-                tok_result = _timed(load_tokenizer, config.model_config)
-            self.executor = create_executor(config)
-            try:
-                num_blocks = self.executor.start()
-                self.tokenizer, tok_s = tok_future.result() if overlap else tok_result
-                self.input_processor = InputProcessor(config, self.tokenizer)
-            except BaseException:
-                self.executor.shutdown()
-                raise
+        tokenizer_result = _load_tokenizer(config.model_config, in_thread=overlap)
+        self.executor = create_executor(config)
+        try:
+            num_blocks = self.executor.start()
+            self.tokenizer, tok_s = tokenizer_result()
+            self.input_processor = InputProcessor(config, self.tokenizer)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         config.cache_config.num_blocks = num_blocks
         sc = config.scheduler_config
         self.scheduler = Scheduler(
