@@ -26,6 +26,10 @@ SHAPES = {
     "smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
     "qwen3": [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)],
     "llama8b": [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)],
+    # one rank's shards at TP=2 and TP=4 (column-parallel N / tp, row-parallel K / tp), and the LM head
+    "llama8b_tp2": [(3072, 4096), (4096, 2048), (14336, 4096), (4096, 7168)],
+    "llama8b_tp4": [(1536, 4096), (4096, 1024), (7168, 4096), (4096, 3584)],
+    "lmhead8b": [(128256, 4096), (64128, 4096), (32064, 4096)],
 }
 
 
@@ -39,6 +43,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="smollm2,qwen3,llama8b")
     ap.add_argument("--ms", default="1,2,4")
     ap.add_argument("--quick", action="store_true", help="fewer sweep configs")
+    ap.add_argument("--large", action="store_true",
+                    help="the sweep for large weights: K loops with pipelined loads (num_stages), BLOCK_M rows of x")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA device")
@@ -47,6 +53,8 @@ def main() -> None:
     block_ks = (256, 1024, 2048) if a.quick else (64, 128, 256, 512, 1024, 2048)
     warps = (4,) if a.quick else (1, 2, 4, 8)
     configs = list(itertools.product(block_ns, block_ks, warps))
+    if a.large:  # (BLOCK_N, BLOCK_K, warps, num_stages, BLOCK_M)
+        configs = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (2, 4), (1,)))
     print(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
           f"{len(configs)} configs swept; CUDA-graph timing (median us)", flush=True)
 
@@ -81,8 +89,12 @@ def main() -> None:
                 t_cublas = bench(lambda wc: F.linear(x, wc))
                 t_default = bench(lambda wc: tg.gemv(x, wc))
                 times = []
-                for cfg in configs:
-                    if cfg[1] > max(64, triton.next_power_of_2(k)) or cfg[0] * cfg[1] > 16384:
+                run = configs
+                if a.large and m > 1:  # the same tiles with every row of x in one program
+                    run = [c[:4] + (triton.next_power_of_2(m),) for c in configs]
+                for cfg in run:
+                    rows = cfg[4] if len(cfg) > 4 else 1
+                    if cfg[1] > max(64, triton.next_power_of_2(k)) or rows * cfg[0] * cfg[1] > 16384:
                         continue
                     try:
                         y = tg.gemv(x, w, config=cfg)
@@ -103,7 +115,7 @@ def main() -> None:
         print(f"  {r[0]}, {r[1]}, {r[2]}, {r[3]}, {r[4]:.2f}, {r[5]:.2f}, {r[6]:.2f}, {r[7]}")
 
 
-def gemv_cfg_text(cfg: tuple[int, int, int]) -> str:
+def gemv_cfg_text(cfg: tuple) -> str:
     return "x".join(str(v) for v in cfg)
 
 

@@ -280,7 +280,9 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="random Q4_1 weights in the SmolLM2-135M shape")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--kernel-m", default="1,16")
+    ap.add_argument("--kernel-m", default="1,16", help="M of the kernel microbenchmark ('' skips it)")
+    ap.add_argument("--quants", default="gguf,dequantize",
+                    help="which builds to run end to end (one at a time suits DISTLLM_TORCH_PROFILE_DIR)")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="kernel tuning sweep (tile sizes, path per M)")
     ap.add_argument("--gemv-sweep", action="store_true",
@@ -294,7 +296,7 @@ def main() -> None:
         return
     if args.sweep:
         print("\n".join(sweep_kernels([1, 2, 4, 8, 16, 32, 64, 256])), flush=True)
-    rows = bench_kernels([int(m) for m in args.kernel_m.split(",")])
+    rows = bench_kernels([int(m) for m in args.kernel_m.split(",")]) if args.kernel_m else []
     print("\n".join(rows), flush=True)
     if args.skip_model:
         return
@@ -313,7 +315,7 @@ def main() -> None:
         print(f"model: {path}")
     batches = [int(b) for b in args.batches.split(",")]
     out = []
-    for quant in ("gguf", "dequantize"):
+    for quant in args.quants.split(","):
         out += bench_model(path, tokenizer, quant, batches, args.tokens)
         print("\n".join(out[-1 - len(batches):]), flush=True)
     print("\nsummary (" + torch.cuda.get_device_name() + ")")

@@ -7,7 +7,10 @@ one row of x, so the grid covers the SMs, and streams its rows' K in BLOCK_K ste
 element-wise fp32 accumulator that is reduced once at the end.
 
 Used (``dispatch.linear``) for CUDA tensors with M <= MAX_M rows and a weight of at most
-MAX_WEIGHT_ELEMENTS; cuBLAS everywhere else (large weights are bandwidth-bound there already).
+MAX_WEIGHT_ELEMENTS, and for one row of x against a larger weight of at most MAX_LARGE_N rows:
+cuBLAS runs a 4096 x 4096 GEMV from HBM at ~2.5 TB/s on an H200 where this kernel, streaming K
+in pipelined 1024-wide steps, reaches ~3.0 TB/s; with more rows (an 8B model's fused gate/up,
+LM heads) cuBLAS has parallelism enough and is as fast or faster. cuBLAS everywhere else.
 ``DISTLLM_GEMV=0`` turns it off; ``DISTLLM_GEMV_TILES=oneshot|table`` picks the tile rule. ``benchmarks/bench_gemv.py`` measures it against cuBLAS and
 prints the figures CONFIGS and the limits come from.
 """
@@ -28,6 +31,17 @@ MAX_M = int(os.environ.get("DISTLLM_GEMV_MAX_M", "2"))
 # Up to SmolLM2's largest decode weight (3072 x 576), where the end-to-end gain was measured;
 # larger, bandwidth-bound weights stay on cuBLAS until measured from HBM.
 MAX_WEIGHT_ELEMENTS = int(os.environ.get("DISTLLM_GEMV_MAX_ELEMENTS", str(2 << 20)))
+# Weights above MAX_WEIGHT_ELEMENTS take the kernel at M = 1 when they have at most this many
+# rows (benchmarks/bench_gemv.py --large, H200, weights from HBM, best tile vs cuBLAS:
+# Llama-3.1-8B 4096x4096 11.0 vs 13.6 us, 4096x14336 29.7 vs 31.4, TP=2 shards 3072x4096
+# 8.9 vs 12.2 and 4096x7168 16.5 vs 20.1, TP=4 7168x4096 16.7 vs 19.6; but 14336x4096 30.3 vs
+# 30.0, 28672x4096 56.9 vs 55.3 and LM heads of 32K-128K rows no faster).
+MAX_LARGE_N = int(os.environ.get("DISTLLM_GEMV_MAX_N", "8192"))
+MAX_LARGE_M = 1
+# Large weights: 1024-wide K steps, 4 stages of loads in flight; BLOCK_N 8 for up to 4096 rows
+# (fewer, longer programs) and 4 above. Up to LARGE_ONESHOT_MAX_N rows the one-shot tiles keep
+# more programs (TP=4 qkv shard 1536x4096: 5.7 us vs 6.4 us streaming).
+LARGE_BLOCK_K, LARGE_STAGES, LARGE_ONESHOT_MAX_N = 1024, 4, 2048
 # (BLOCK_N, BLOCK_K, num_warps) by weight size: the first row whose limit holds N * K (the
 # microbenchmark's best tiles, weights hot in L2).
 CONFIGS: list[tuple[int, tuple[int, int, int]]] = [
@@ -46,31 +60,37 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """y[m, n-tile]: one program = BLOCK_N rows of W x one row m of x."""
+    """y[m-tile, n-tile]: one program = BLOCK_N rows of W x BLOCK_M rows of x. BLOCK_M > 1 reads
+    each weight tile once for several rows of x (a large weight then comes from HBM once)."""
     pid_n = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
-    x_row = x_ptr + m * stride_xm
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
-        x = tl.load(x_row + k, mask=mask_k, other=0.0)  # [BK]
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)  # [BN]
+        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
+    y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def gemv_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an [N, K] weight (TILES: "oneshot" or "table")."""
+def gemv_config(n: int, k: int) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_K, num_warps[, num_stages]) for an [N, K] weight (TILES: "oneshot" or
+    "table" for weights up to MAX_WEIGHT_ELEMENTS; streaming tiles above)."""
+    if n * k > MAX_WEIGHT_ELEMENTS and n > LARGE_ONESHOT_MAX_N:
+        return (8 if n <= 4096 else 4), min(LARGE_BLOCK_K, triton.next_power_of_2(k)), 4, LARGE_STAGES
     if TILES == "oneshot":
         block_k = min(2048, triton.next_power_of_2(k))
         return max(1, min(16, ONESHOT_TILE_ELEMENTS // block_k)), block_k, 4
@@ -82,14 +102,13 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int]:
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Is y = x @ weight.T (+ bias) one this kernel should take?"""
+    if not (ENABLED and x.dim() == 2 and weight.dim() == 2):
+        return False
+    m, (n, k) = x.shape[0], weight.shape
     return (
-        ENABLED
-        and x.dim() == 2
-        and 0 < x.shape[0] <= MAX_M
-        and weight.dim() == 2
+        (0 < m <= MAX_M and n * k <= MAX_WEIGHT_ELEMENTS or 0 < m <= MAX_LARGE_M and n <= MAX_LARGE_N)
         and x.dtype == weight.dtype
         and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.shape[0] * weight.shape[1] <= MAX_WEIGHT_ELEMENTS
         and weight.stride(1) == 1
         and x.stride(1) == 1
         and (bias is None or (bias.dim() == 1 and bias.is_contiguous()))
@@ -97,17 +116,21 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"x has K={k} but the weight is {tuple(weight.shape)}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or gemv_config(n, k)
-    grid = (triton.cdiv(n, block_n), m)
+    # (BLOCK_N, BLOCK_K, num_warps[, num_stages[, BLOCK_M]]): stages pipeline the K loop's
+    # loads; BLOCK_M rows of x share each weight tile.
+    block_n, block_k, warps, *rest = config or gemv_config(n, k)
+    extra = {"num_stages": rest[0]} if rest and rest[0] else {}
+    block_m = rest[1] if len(rest) > 1 else 1
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, **extra,
     )
     return y

@@ -379,9 +379,17 @@ class AutoSizer:
         return head + f" -> offloading {n} of {len(a.layer_bytes)} layers ({off / GiB:.2f} GiB)"
 
 
+# Slack beyond the activation estimate. The memory profile (worker/memory.py) counts memory
+# outside torch's allocator at its level after the first forward, which can exceed what auto
+# sees at load: on an H200 a squeezed tiny fp32 Llama measured 0.95 GiB in use at load and
+# 1.34 GiB outside torch's allocator in the profile, with activations 0.2 GiB over the estimate.
+# With 256 MiB of slack auto then left no room for the KV cache it had promised.
+AUTO_SLACK_BYTES = GiB
+
+
 def _headroom_bytes(config: "EngineConfig") -> int:
-    """The activation peak the memory profile will see (memory_plan's estimate), plus slack;
-    1 GiB where the estimate does not know the architecture."""
+    """The activation peak the memory profile will see (memory_plan's estimate), plus
+    AUTO_SLACK_BYTES; 1 GiB where the estimate does not know the architecture."""
     from distllm.worker.memory_plan import DecoderShape, activation_peak_bytes, dtype_bytes
 
     mc, sc = config.model_config, config.scheduler_config
@@ -391,7 +399,7 @@ def _headroom_bytes(config: "EngineConfig") -> int:
                                      sc.max_num_batched_tokens, sc.max_num_seqs, sc.max_model_len)
     except (ValueError, KeyError):
         return GiB
-    return int(peak * 1.1) + 256 * 2**20
+    return int(peak * 1.1) + AUTO_SLACK_BYTES
 
 
 def make_offloader(config: "EngineConfig", device: torch.device, kv_spec: "KVCacheSpec") -> CpuOffloader | None:

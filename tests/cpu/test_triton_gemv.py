@@ -44,13 +44,23 @@ def _ref(x, w, b=None):
 
 # fp16 inputs: the interpreter truncates bf16 arithmetic, so bf16 would test the interpreter.
 @pytest.mark.parametrize("m,n,k", [(1, 5, 40), (2, 33, 100), (1, 64, 576), (2, 17, 1536), (1, 130, 257)])
-@pytest.mark.parametrize("config", [None, (4, 64, 2), (16, 256, 4)])
+@pytest.mark.parametrize("config", [None, (4, 64, 2), (16, 256, 4), (8, 32, 4, 2, 2)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_matmul(m, n, k, config, bias):
     x, w, b = _inputs(m, n, k, seed=m * 7 + n + k)
     y = _tg.gemv(x, w, b if bias else None, config=config)
     assert y.shape == (m, n) and y.dtype == x.dtype
     torch.testing.assert_close(y.float(), _ref(x, w, b if bias else None), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+def test_rows_of_x_share_a_program(m):
+    """BLOCK_M rows of x per program (a large weight read once at M=2): every row, and the
+    ragged last tile of rows, still right."""
+    x, w, b = _inputs(m, 19, 70, seed=m)
+    for block_m in (1, 2, 4):
+        y = _tg.gemv(x, w, b, config=(4, 32, 4, None, block_m))
+        torch.testing.assert_close(y.float(), _ref(x, w, b), rtol=2e-3, atol=2e-3)
 
 
 def test_strided_rows_of_x_and_w():
@@ -84,8 +94,12 @@ def test_applies_only_to_decode_rows_small_half_weights(monkeypatch):
     assert not _tg.applies(torch.zeros(0, 32, dtype=x.dtype), w, None)
     assert not _tg.applies(x[:, ::2], w[:, ::2], None)  # not unit-stride along K
     monkeypatch.setattr(_tg, "MAX_WEIGHT_ELEMENTS", 8 * 32 - 1)
-    assert not _tg.applies(x, w, None)  # large weights stay on cuBLAS
+    assert _tg.applies(x, w, None)  # a large weight with few rows: at M = 1 only
+    assert not _tg.applies(torch.zeros(2, 32, dtype=x.dtype), w, None)
+    monkeypatch.setattr(_tg, "MAX_LARGE_N", 7)
+    assert not _tg.applies(x, w, None)  # large weights with many rows stay on cuBLAS
     monkeypatch.setattr(_tg, "MAX_WEIGHT_ELEMENTS", 8 * 32)
+    assert _tg.applies(x, w, None) and _tg.applies(torch.zeros(2, 32, dtype=x.dtype), w, None)
     monkeypatch.setattr(_tg, "ENABLED", False)
     assert not _tg.applies(x, w, None)
 
@@ -95,7 +109,30 @@ def test_config_follows_weight_size(monkeypatch):
     sizes = [limit for limit, _ in _tg.CONFIGS]
     assert sizes == sorted(sizes)
     assert _tg.gemv_config(1, 1) == _tg.CONFIGS[0][1]
-    assert _tg.gemv_config(1 << 31, 1 << 31) == _tg.CONFIGS[-1][1]
+    assert _tg.gemv_config(1024, _tg.MAX_WEIGHT_ELEMENTS // 1024) == next(
+        cfg for limit, cfg in _tg.CONFIGS if _tg.MAX_WEIGHT_ELEMENTS <= limit)
+
+
+@pytest.mark.parametrize("n", [3, 19, 70])
+def test_large_weights_stream_k_in_pipelined_steps(monkeypatch, n):
+    """Above MAX_WEIGHT_ELEMENTS (shrunk here) a weight with more than LARGE_ONESHOT_MAX_N rows
+    gets streaming tiles: BLOCK_K-wide steps, num_stages; the result is unchanged."""
+    monkeypatch.setattr(_tg, "MAX_WEIGHT_ELEMENTS", 64)
+    monkeypatch.setattr(_tg, "LARGE_ONESHOT_MAX_N", 8)
+    monkeypatch.setattr(_tg, "LARGE_BLOCK_K", 128)
+    x, w, b = _inputs(1, n, 300, seed=n)
+    cfg = _tg.gemv_config(n, 300)
+    if n > 8:
+        assert cfg == (8, 128, 4, _tg.LARGE_STAGES)
+    else:
+        assert len(cfg) == 3  # one-shot tiles: more programs for few rows
+    torch.testing.assert_close(_tg.gemv(x, w, b).float(), _ref(x, w, b), rtol=2e-3, atol=2e-3)
+
+
+def test_large_tiles_use_the_measured_rule():
+    assert _tg.gemv_config(4096, 4096) == (8, 1024, 4, 4)
+    assert _tg.gemv_config(7168, 4096) == (4, 1024, 4, 4)
+    assert len(_tg.gemv_config(1536, 4096)) == 3  # one-shot
 
 
 @pytest.mark.parametrize("k,block_k", [(40, 64), (576, 1024), (1536, 2048), (14336, 2048)])
