@@ -12,11 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 BLOCK_D = 1024  # output columns per program
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, stride_ot, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, stride_ot, BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -41,5 +45,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(BLOCK_D, triton.next_power_of_2(d))
     grid = (x2.shape[0], triton.cdiv(d, block))
     num_warps = 4 if block >= 1024 else 1
-    _silu_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=num_warps)
+    _silu_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=num_warps,
+                               **launch_options(use_pdl(x2)))
     return out

@@ -15,12 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 CHUNK = 2048  # elements per stage-1 program
 _BIG = 2**31 - 1
 
 
 @triton.jit
-def _argmax_chunks_kernel(x_ptr, val_ptr, idx_ptr, V, n_chunks, stride_x, CHUNK_SIZE: tl.constexpr):
+def _argmax_chunks_kernel(x_ptr, val_ptr, idx_ptr, V, n_chunks, stride_x, CHUNK_SIZE: tl.constexpr,
+        USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs = c * CHUNK_SIZE + tl.arange(0, CHUNK_SIZE)
@@ -34,7 +38,9 @@ def _argmax_chunks_kernel(x_ptr, val_ptr, idx_ptr, V, n_chunks, stride_x, CHUNK_
 
 
 @triton.jit
-def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS_PAD: tl.constexpr):
+def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS_PAD: tl.constexpr,
+        USE_PDL: tl.constexpr = False):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, CHUNKS_PAD)
     mask = offs < n_chunks
@@ -59,7 +65,8 @@ def argmax_last_dim(x: torch.Tensor) -> torch.Tensor:
     n_chunks = triton.cdiv(V, CHUNK)
     vals = torch.empty((B, n_chunks), dtype=torch.float32, device=x.device)
     idxs = torch.empty((B, n_chunks), dtype=torch.int32, device=x.device)
-    _argmax_chunks_kernel[(B, n_chunks)](x, vals, idxs, V, n_chunks, x.stride(0), CHUNK_SIZE=CHUNK, num_warps=8)
+    _argmax_chunks_kernel[(B, n_chunks)](x, vals, idxs, V, n_chunks, x.stride(0), CHUNK_SIZE=CHUNK, num_warps=8,
+                                      **launch_options(use_pdl(x)))
     _argmax_rows_kernel[(B,)](vals, idxs, out, n_chunks, CHUNKS_PAD=max(16, triton.next_power_of_2(n_chunks)),
-                              num_warps=1)
+                              num_warps=1, **launch_options(use_pdl(x)))
     return out

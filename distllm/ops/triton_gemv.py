@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 # On by default with the "oneshot" tiles: on an H200, SmolLM2-135M batch-1 decode went from
 # 1069.5 tok/s on cuBLAS to 1387.0 with this kernel (benchmarks/README.md). Its first tiles (the
 # "table" rule, chosen with weights hot in L2) had made it slower: 1040 vs 1168 tok/s.
@@ -61,9 +63,11 @@ def _gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """y[m-tile, n-tile]: one program = BLOCK_N rows of W x BLOCK_M rows of x. BLOCK_M > 1 reads
-    each weight tile once for several rows of x (a large weight then comes from HBM once)."""
+    each weight tile once for several rows of x (a large weight then comes from HBM once).
+    The first K step is peeled: its weight tile is loaded before the PDL wait (ops/pdl.py)."""
     pid_n = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -72,8 +76,12 @@ def _gemv_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    mask_k = offs_k < K
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+    pdl_wait(USE_PDL)
+    x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+    acc = w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
@@ -132,5 +140,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, **extra,
+        **launch_options(use_pdl(x)),
     )
     return y

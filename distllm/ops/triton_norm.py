@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 MAX_SINGLE_BLOCK = 16384  # rows up to this many elements stay in registers (one read of x)
 CHUNK_BLOCK = 4096  # chunk width of the two-pass path for longer rows
 TILE_ELEMS = 4096  # elements per program when packing several short rows
@@ -46,7 +48,9 @@ def _rms_norm_kernel(
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     # Row r of the flattened [n_rows, N] view is (outer, inner) = divmod(r, n_inner) of the
     # [outer, inner, N] input; outputs are contiguous, so their row offset is r * N.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -162,6 +166,7 @@ def _rms_norm(
         BLOCK_N=block,
         NUM_CHUNKS=chunks,
         num_warps=warps,
+        **launch_options(use_pdl(x)),
     )
     return out, res_out
 

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 _LOG2E = 1.4426950408889634
 # The Triton interpreter's tl.dot mishandles bfloat16 (numpy has no bf16): upcast there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -94,7 +96,9 @@ def _paged_attn_kernel(
     CAUSAL: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     pid_q = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -229,7 +233,9 @@ def _split_reduce_kernel(
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -365,6 +371,7 @@ def paged_attention(
         DOT_F32=_INTERPRET and k_cache.dtype == torch.bfloat16,
         num_warps=num_warps,
         num_stages=NUM_STAGES,
+        **launch_options(use_pdl(q)),
     )
     if num_splits > 1:
         _split_reduce_kernel[(num_tokens, num_heads)](
@@ -379,5 +386,6 @@ def paged_attention(
             NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4 if block_d >= 128 else 2,
+            **launch_options(use_pdl(q)),
         )
     return out

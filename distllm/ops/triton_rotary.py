@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 TILE_ELEMS = 1024  # half-head elements per program (BLOCK_H * BLOCK_HALF)
 
 
@@ -106,7 +108,9 @@ def _rotary_kernel(
     stride_vch,
     CACHE_BLOCK: tl.constexpr,
     STORE_KV: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -228,5 +232,6 @@ def rotary_embedding(
         HAS_NORM=has_norm,
         num_warps=num_warps,
         **store,
+        **launch_options(use_pdl(q)),
     )
     return q_out, k_out

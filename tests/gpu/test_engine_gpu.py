@@ -69,3 +69,20 @@ def test_seeded_sampling_batch_invariant_on_gpu(tiny_models):
         noisy = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
         outs = llm.generate(_prompts(3)[:3] + [p], [noisy] * 3 + [sp], use_tqdm=False)
         assert outs[3].outputs[0].token_ids == alone
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_pdl_on_equals_off(tiny_models, kind, monkeypatch):
+    """Programmatic dependent launch (ops/pdl.py) changes when kernels start, never what they
+    compute: bf16 greedy tokens with CUDA graphs are the same with it on and off."""
+    from distllm.ops import pdl
+
+    if not pdl._device_supports(torch.cuda.current_device()):
+        pytest.skip("PDL needs compute capability 9.0+ and a Triton with launch_pdl")
+    kw = dict(device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    off = _greedy(tiny_models[kind], **kw)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    on = _greedy(tiny_models[kind], **kw)
+    assert on == off
+
