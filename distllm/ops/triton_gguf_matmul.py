@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from distllm.ops.gguf_quant import LAYOUTS, GGMLType, ggml_type
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # its bf16 tl.dot is unreliable: fp32 there
@@ -198,12 +199,14 @@ def _gemv_words_kernel(
     stride_xm, stride_wn, stride_ym,
     QTYPE: tl.constexpr, TW: tl.constexpr, QW: tl.constexpr, E: tl.constexpr, UV: tl.constexpr,
     BLOCK_N: tl.constexpr, UNITS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """y[m, n-tile] for one x row m, weights read as words (int32 or int16: ``w_ptr``'s type).
     A block is TW words; a unit (UV values) has QW quant words of E bytes each. Tiles are
     [BLOCK_N, UNITS, QW] words; the E bytes of each word are unpacked by a static loop (so a
     thread keeps the bytes of the words it loaded), and acc holds one running sum per word
     position over the whole K loop, reduced once at the end."""
+    pdl_wait(USE_PDL)  # see ops/pdl.py
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -653,6 +656,7 @@ def gguf_gemv(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType, y: torch.Tens
         _gemv_words_kernel[(triton.cdiv(n, block_n), m)](
             x, words, y, n, k, x.stride(0), words.stride(0), y.stride(0),
             QTYPE=int(t), TW=tw, QW=qw, E=e, UV=uv, BLOCK_N=block_n, UNITS=units, num_warps=warps,
+            **launch_options(use_pdl(x)),
         )
         return "words"
     ub, uv, units = _UNITS[t]
