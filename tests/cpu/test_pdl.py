@@ -10,10 +10,10 @@ def test_off_for_cpu_tensors_even_when_enabled(monkeypatch):
     assert not pdl.use_pdl(torch.zeros(2))
 
 
-def test_off_by_default():
+def test_on_by_default():
     import os
 
-    assert "DISTLLM_PDL" in os.environ or not pdl.ENABLED
+    assert "DISTLLM_PDL" in os.environ or pdl.ENABLED
 
 
 def test_launch_options():
