@@ -55,8 +55,13 @@ def create_ring(path: str, nslots: int = NUM_SLOTS, slot_size: int = SLOT_SIZE) 
         raise ValueError(f"bad ring geometry: {nslots} slots of {slot_size} bytes")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, _FILE_HDR_SIZE + nslots * slot_size)  # zero-filled, pages made on use
+        # Zero-filled, and allocated now: a page of a sparse file on a full tmpfs would kill
+        # the process that first writes it (SIGBUS) instead of failing here (ENOSPC).
+        os.posix_fallocate(fd, 0, _FILE_HDR_SIZE + nslots * slot_size)
         os.pwrite(fd, _FILE_HDR.pack(_MAGIC, _VERSION, nslots, slot_size), 0)
+    except BaseException:
+        os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
