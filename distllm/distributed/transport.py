@@ -55,9 +55,11 @@ thread -> app thread, each a thread wake-up, a large part of a step's transport 
 hot frames also go through shared memory, where a spinning receiver sees them at once:
 
 * Two rings (``shm_ring.py``: mmap'd files in a per-engine 0700 dir, under /dev/shm when it
-  can be; paths in ``TransportConfig``, removed by ``cleanup()``): plans, written by the
-  driver and read by every rank, and results, written by rank 0 for its ``res`` frames only
-  (other ranks, errors and control frames from workers stay on ZeroMQ alone).
+  can be; paths in ``TransportConfig``): plans, written by the driver and read by every rank,
+  and results, written by rank 0 for its ``res`` frames only (other ranks, errors and control
+  frames from workers stay on ZeroMQ alone). Every channel maps its rings when it is made; the
+  driver unlinks the files once the handshake is done (``cleanup()`` too, if it has not), so
+  a killed engine leaves no shared memory behind.
 * ZeroMQ stays the reliable, ordered path: every frame is sent on ZeroMQ exactly as before,
   and also written (when it fits a slot) into ring slot ``seq % nslots`` as the same signed
   ``[header, payload, mac]``: the slot's seq is zeroed, the frame written, the seq written
@@ -284,6 +286,23 @@ class TransportConfig:
             raise ValueError("hmac key too short")
         return cls(d["plan_addr"], d["result_addr"], key, d.get("ipc_dir"), d.get("shm_dir"), d.get("plan_ring"),
                    d.get("result_ring"))
+
+    def unlink_rings(self) -> None:
+        """Remove the ring files and their dir while they stay mapped. The driver does this once
+        every rank has acked its handshake (a WorkerChannel maps its rings before it says ready),
+        so a driver killed before cleanup() leaves nothing behind in /dev/shm (which is memory).
+        A channel opened later finds no ring and uses ZeroMQ alone."""
+        for path in (self.plan_ring, self.result_ring):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        if self.shm_dir and self.shm_dir != self.ipc_dir:
+            try:
+                os.rmdir(self.shm_dir)
+            except OSError:
+                pass
 
     def cleanup(self) -> None:
         """Remove the per-engine ipc and shm dirs (driver side, after the channels are closed)."""
@@ -634,6 +653,7 @@ class DriverChannel(_Endpoint):
                 raise self._worker_error(sender, step_id, payload)
             else:
                 self._drop(f"result for step {step_id} from rank {sender} before the handshake finished")
+        self.config.unlink_rings()
 
     def _handle_ctl(self, sender: int, payload: bytes) -> None:
         cmd = _ctl_cmd(payload)

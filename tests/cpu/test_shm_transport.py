@@ -125,11 +125,11 @@ def test_frames_come_through_shm_in_order(caplog):
     s = Setup("ipc")
     try:
         cfg = s.cfg
-        assert cfg.plan_ring and cfg.result_ring and os.path.isfile(cfg.plan_ring)
-        assert os.path.dirname(cfg.plan_ring) == cfg.shm_dir
-        assert stat.S_IMODE(os.stat(cfg.shm_dir).st_mode) == 0o700
-        if os.access("/dev/shm", os.W_OK):
-            assert cfg.shm_dir.startswith("/dev/shm/")
+        assert cfg.plan_ring and cfg.result_ring
+        # Every rank mapped its rings before it acked the handshake: the files are gone now,
+        # so an engine killed from here on leaves no shared memory behind.
+        assert not os.path.exists(cfg.plan_ring) and not os.path.exists(cfg.result_ring)
+        assert not os.path.exists(cfg.shm_dir)
         with caplog.at_level(logging.WARNING, logger=LOGGER):
             most = 0
             for step in range(1, 301):
@@ -170,7 +170,7 @@ def _slot_offset(ring: ShmRing, seq: int) -> int:
 def test_torn_or_tampered_shm_slot_is_not_accepted(caplog):
     s = Setup("ipc", n=1)
     w = s.workers[0]
-    evil = ShmRing(s.cfg.plan_ring, writable=True)  # anything that can write the file
+    evil = s.driver._ring_out  # the same mapping as anything that can write the file
     try:
         _round_trips(s, [1])
         with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -206,7 +206,6 @@ def test_torn_or_tampered_shm_slot_is_not_accepted(caplog):
         drops = [r for r in caplog.records if r.name == LOGGER]
         assert len(drops) == 1 and "bad HMAC" in drops[0].message
     finally:
-        evil.close()
         s.close()
 
 
@@ -286,6 +285,11 @@ def test_two_engines_do_not_collide():
 
 def test_config_travels_and_cleans_up():
     cfg = TransportConfig.create("ipc")
+    assert os.path.dirname(cfg.plan_ring) == cfg.shm_dir == os.path.dirname(cfg.result_ring)
+    assert stat.S_IMODE(os.stat(cfg.shm_dir).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(cfg.plan_ring).st_mode) == 0o600
+    if os.access("/dev/shm", os.W_OK):
+        assert cfg.shm_dir.startswith("/dev/shm/")
     wire = msgpack.unpackb(msgpack.packb(cfg.to_dict()), raw=False)
     back = TransportConfig.from_dict(wire)
     assert (back.shm_dir, back.plan_ring, back.result_ring) == (cfg.shm_dir, cfg.plan_ring, cfg.result_ring)
@@ -293,7 +297,7 @@ def test_config_travels_and_cleans_up():
     old = {k: v for k, v in wire.items() if k not in ("shm_dir", "plan_ring", "result_ring")}
     assert TransportConfig.from_dict(old).plan_ring is None
     assert os.path.isfile(cfg.plan_ring) and os.path.isfile(cfg.result_ring)
-    cfg.cleanup()
+    cfg.cleanup()  # without a handshake (a failed start): cleanup() removes them
     assert not os.path.exists(cfg.shm_dir) and not os.path.exists(cfg.ipc_dir)
     tcp = TransportConfig.create("tcp")
     assert tcp.shm_dir is None and tcp.plan_ring is None and tcp.result_ring is None
