@@ -10,12 +10,17 @@ Each step the driver sends a StepPlan and waits for rank 0's StepResult. Two mod
 * ``raw``: the transport alone (framing, HMAC, ZeroMQ hops): pre-encoded plan/result bytes of
   the same sizes, no msgpack codec on either side.
 
+Transports (``--modes``): ``shm`` = ipc with the shared-memory fast path (the default for
+ipc), ``ipc`` = ipc over ZeroMQ alone (as with ``DISTLLM_SHM_TRANSPORT=0``), ``tcp``. Rows of
+one batch size and kind sit together, so one run compares them. ``shm %``: the share of plans
+(rank 0) and results (driver) taken from shared memory rather than from ZeroMQ.
+
 Workers are spawned processes (as with the ``mp`` executor), so driver and worker do not share
 a GIL. Batch 256 = 256 cached (decoding) requests with one new token each; batch 1 = one.
 Request ids look like the server's (``cmpl-<32 hex>-0``). ``wrk dec``/``wrk enc``: rank 0's
 median plan decode and result encode.
 
-    python benchmarks/bench_transport.py [--steps 2000] [--workers 1] [--modes ipc,tcp]
+    python benchmarks/bench_transport.py [--steps 2000] [--workers 1] [--modes shm,ipc,tcp]
 """
 
 from __future__ import annotations
@@ -71,14 +76,22 @@ def make_plan(step_id: int, req_ids: list[str]) -> StepPlan:
     return StepPlan(step_id=step_id, cached_requests=cached, num_scheduled_tokens={rid: 1 for rid in req_ids})
 
 
+_TOKENS: dict[tuple[int, int], list[int]] = {}
+
+
 def make_result(step_id: int, req_ids) -> StepResult:
-    # As the model runner builds it: sampled ids in columns, no per-request objects.
+    # As the model runner builds it: sampled ids in columns, no per-request objects. The ids
+    # come from a small table (the runner gets them with one tensor.tolist()): a Python loop
+    # making them would add ~15 us a step at batch 256 that is no part of the transport.
     ids = list(req_ids)
-    return StepResult(step_id=step_id, sampled_req_ids=ids,
-                      sampled_token_ids=[(step_id * 31 + i) % 49152 for i in range(len(ids))])
+    key = (step_id % _RING, len(ids))
+    toks = _TOKENS.get(key)
+    if toks is None:
+        toks = _TOKENS[key] = [(step_id * 31 + i) % 49152 for i in range(len(ids))]
+    return StepResult(step_id=step_id, sampled_req_ids=ids, sampled_token_ids=list(toks))
 
 
-def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes, warmup: int, stats) -> None:
+def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes, warmup: int, steps: int, stats) -> None:
     w = WorkerChannel(TransportConfig.from_dict(cfg_dict), rank)
     plans = PlanDecoder()
     dec_us, enc_us = [], []
@@ -108,8 +121,10 @@ def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes, warmu
         pass
     finally:
         w.close()
-        if rank == 0 and dec_us:
-            stats.put((statistics.median(dec_us), statistics.median(enc_us)))
+        if rank == 0:
+            nan = float("nan")
+            stats.put((statistics.median(dec_us) if dec_us else nan, statistics.median(enc_us) if enc_us else nan,
+                       w.shm_taken / max(1, warmup + steps)))
 
 
 def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_workers: int) -> dict:
@@ -119,17 +134,17 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
     sizer.encode(make_plan(1, req_ids))
     raw_plan = sizer.encode(make_plan(2, req_ids))
     raw_result = encode_result(make_result(2, req_ids), list(req_ids))
-    cfg = TransportConfig.create(mode)
+    cfg = TransportConfig.create("ipc" if mode == "shm" else mode, shm=mode == "shm")
     d = DriverChannel(cfg)
     ctx = mp.get_context("spawn")
     stats = ctx.Queue()
     procs = [
-        ctx.Process(target=worker_main, args=(cfg.to_dict(), r, codec, raw_result, warmup, stats), daemon=True)
+        ctx.Process(target=worker_main, args=(cfg.to_dict(), r, codec, raw_result, warmup, steps, stats), daemon=True)
         for r in range(n_workers)
     ]
     for p in procs:
         p.start()
-    wrk = (float("nan"), float("nan"))
+    wrk = (float("nan"), float("nan"), float("nan"))
     try:
         d.wait_for_workers(n_workers, timeout_s=60)
         times, enc, dec = [], [], []
@@ -158,8 +173,7 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
                 enc.append((t1 - t0) * 1e6)
                 dec.append((t3 - t2) * 1e6)
         d.send_shutdown()
-        if codec:
-            wrk = stats.get(timeout=30)
+        wrk = stats.get(timeout=30)
         for p in procs:
             p.join(10)
     finally:
@@ -176,6 +190,8 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
         "dec": statistics.median(dec),
         "wrk_dec": wrk[0],
         "wrk_enc": wrk[1],
+        # plans (rank 0) and results (driver) taken from shm, as a share of all
+        "shm": 50 * (wrk[2] + d.shm_taken / (warmup + steps)),
         "plan_bytes": len(raw_plan),
         "result_bytes": len(raw_result),
     }
@@ -208,7 +224,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--workers", type=int, default=1, help="subscribers (tensor-parallel ranks); rank 0 replies")
-    ap.add_argument("--modes", default="ipc,tcp")
+    ap.add_argument("--modes", default="shm,ipc,tcp", help="shm: ipc with the shm fast path; ipc: ZeroMQ only")
     ap.add_argument("--batches", default="1,256")
     args = ap.parse_args()
     print(
@@ -216,18 +232,18 @@ def main() -> None:
         f"{args.steps} steps (+{args.warmup} warmup)"
     )
     print(f"{'transport':9} {'batch':>5} {'what':>5} {'plan B':>7} {'res B':>6} {'median us':>10} {'p99 us':>9}"
-          f" {'drv enc us':>10} {'drv dec us':>10} {'wrk dec us':>10} {'wrk enc us':>10}")
+          f" {'shm %':>6} {'drv enc us':>10} {'drv dec us':>10} {'wrk dec us':>10} {'wrk enc us':>10}")
     sizes = {104}
-    for mode in args.modes.split(","):
-        for batch in (int(b) for b in args.batches.split(",")):
-            for codec in (False, True):
+    for batch in (int(b) for b in args.batches.split(",")):
+        for codec in (False, True):
+            for mode in args.modes.split(","):
                 r = run_one(mode, batch, codec, args.steps, args.warmup, args.workers)
                 what = "full" if codec else "raw"
                 sizes.update((r["plan_bytes"], r["result_bytes"]))
                 cols = (r["enc"], r["dec"], r["wrk_dec"], r["wrk_enc"])
                 print(
                     f"{mode:9} {batch:5d} {what:>5} {r['plan_bytes']:7d} {r['result_bytes']:6d}"
-                    f" {r['median']:10.1f} {r['p99']:9.1f}"
+                    f" {r['median']:10.1f} {r['p99']:9.1f} {r['shm']:6.1f}"
                     + ("".join(f" {c:10.1f}" for c in cols) if codec else f" {'-':>10}" * 4),
                     flush=True,
                 )

@@ -3,7 +3,8 @@
 The driver PUBlishes every StepPlan to all tensor-parallel ranks and PULLs rank 0's StepResult
 (and any rank's error report). Payloads are opaque bytes: the caller encodes/decodes them with
 ``distllm.core.plan``'s msgpack functions. Nothing here imports torch or pickle, and nothing is
-ever unpickled.
+ever unpickled. On one host (``ipc``) a shared-memory ring carries a second copy of the hot
+frames (see "Shared-memory fast path" below).
 
 Wire format: every message is three frames ``[header, payload, mac]``:
 
@@ -48,6 +49,35 @@ message, on every hop. ``_recv`` first polls the socket without sleeping for up 
 ``RECV_SPIN_S`` (never past its deadline), so a plan or result that comes quickly is taken at
 once; only then does it block.
 
+Shared-memory fast path (``ipc`` only; ``DISTLLM_SHM_TRANSPORT=0`` turns it off). Spinning
+cannot remove ZeroMQ's own hand-offs: app thread -> I/O thread -> socket -> the peer's I/O
+thread -> app thread, each a thread wake-up, a large part of a step's transport time. So the
+hot frames also go through shared memory, where a spinning receiver sees them at once:
+
+* Two rings (``shm_ring.py``: mmap'd files in a per-engine 0700 dir, under /dev/shm when it
+  can be; paths in ``TransportConfig``): plans, written by the driver and read by every rank,
+  and results, written by rank 0 for its ``res`` frames only (other ranks, errors and control
+  frames from workers stay on ZeroMQ alone). Every channel maps its rings when it is made; the
+  driver unlinks the files once the handshake is done (``cleanup()`` too, if it has not), so
+  a killed engine leaves no shared memory behind.
+* ZeroMQ stays the reliable, ordered path: every frame is sent on ZeroMQ exactly as before,
+  and also written (when it fits a slot) into ring slot ``seq % nslots`` as the same signed
+  ``[header, payload, mac]``: the slot's seq is zeroed, the frame written, the seq written
+  last. Nobody waits for anybody; a slow reader is lapped, not waited for.
+* A receiver takes the sender's next seq from the ring only: the slot must hold that seq
+  before and after the bytes are copied out, the MAC must verify and the signed header must
+  carry that seq and sender. Anything else (not written yet, lapped, torn, too big for a slot,
+  tampered) is silently "not in shm": the frame comes on ZeroMQ. Taking only the next seq keeps
+  frames in order with those that came on ZeroMQ alone.
+* The ZeroMQ copy of a frame taken from shm arrives later and is dropped silently: it is
+  recognised as byte-for-byte the frame taken (no second HMAC) and does not count in
+  ``num_dropped``. Every other frame is checked, and dropped and logged when bad, as before.
+* ``_recv`` looks at the ring (one struct read) before ZeroMQ, spins, then blocks in ZeroMQ's
+  poll as before: the ZeroMQ copy wakes it. A worker reads its ring only after its handshake
+  sync came on ZeroMQ (which is what proves its subscription), so the handshake is as before.
+  The driver's other control frames (later syncs, shutdown) use the ring like plans; error
+  frames, timeouts and worker-death detection are unchanged.
+
 HWMs: PUB silently *drops* messages for a subscriber whose queue is full, and a lost plan would
 hang the engine, so the plan path (PUB/SUB) has no HWM; it is bounded by the step loop (one or
 two plans in flight) and by the handshake's sync back-off. PUSH blocks instead of dropping, so
@@ -72,6 +102,8 @@ from typing import Any
 
 import msgpack
 import zmq
+
+from distllm.distributed.shm_ring import EMPTY, ShmRing, create_ring
 
 logger = logging.getLogger("distllm.transport")
 
@@ -106,6 +138,17 @@ _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux (104 on macOS)
 # DISTLLM_RECV_SPIN_US overrides it (0: no spinning).
 RECV_SPIN_S = float(os.environ.get("DISTLLM_RECV_SPIN_US", "200")) * 1e-6
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+# Frames taken from shm whose ZeroMQ copy has not been drained yet, at most (a safety net: in
+# steady state there are one or two).
+_TAKEN_MAX = 1024
+# How many ZeroMQ copies of frames taken from shm may wait before a receive drains ZeroMQ
+# before looking at the ring again (see _Endpoint._recv).
+_DRAIN_AT = 4
+
+
+def shm_enabled() -> bool:
+    """The shared-memory fast path is on unless DISTLLM_SHM_TRANSPORT is 0/false/off/no."""
+    return os.environ.get("DISTLLM_SHM_TRANSPORT", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 class TransportError(RuntimeError):
@@ -175,16 +218,26 @@ class TransportConfig:
     hmac_key: bytes
     # The per-engine temp dir holding the ipc sockets (None for tcp); removed by cleanup().
     ipc_dir: str | None = None
+    # The shared-memory fast path (ipc only; None: ZeroMQ only): the ring files for plans and
+    # for rank 0's results, in shm_dir, a per-engine 0700 dir (under /dev/shm when it can be,
+    # else ipc_dir itself); removed by cleanup().
+    shm_dir: str | None = None
+    plan_ring: str | None = None
+    result_ring: str | None = None
 
     @classmethod
-    def create(cls, mode: str = "ipc", host: str = "127.0.0.1") -> "TransportConfig":
+    def create(cls, mode: str = "ipc", host: str = "127.0.0.1", shm: bool | None = None) -> "TransportConfig":
+        """``shm``: make the shared-memory rings (ipc only); None: unless DISTLLM_SHM_TRANSPORT=0."""
         key = secrets.token_bytes(32)
         if mode == "ipc":
             d = tempfile.mkdtemp(prefix="distllm-")  # mode 0700: only this user can connect
             if len(os.path.join(d, "results.sock")) > _MAX_IPC_PATH:
                 shutil.rmtree(d, ignore_errors=True)
                 d = tempfile.mkdtemp(prefix="distllm-", dir="/tmp")
-            return cls(f"ipc://{os.path.join(d, 'plans.sock')}", f"ipc://{os.path.join(d, 'results.sock')}", key, d)
+            cfg = cls(f"ipc://{os.path.join(d, 'plans.sock')}", f"ipc://{os.path.join(d, 'results.sock')}", key, d)
+            if shm_enabled() if shm is None else shm:
+                cfg._make_rings()
+            return cfg
         if mode == "tcp":
             check_bind_host(host)
             host = host.strip().strip("[]")
@@ -197,12 +250,33 @@ class TransportConfig:
             return cls(_join_tcp(host, p1), _join_tcp(host, p2), key, None)
         raise ValueError(f"unknown transport mode {mode!r} (expected 'ipc' or 'tcp')")
 
+    def _make_rings(self) -> None:
+        """Create the two ring files; on failure the fast path is just off (ZeroMQ carries all)."""
+        d = None
+        try:
+            if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):
+                d = tempfile.mkdtemp(prefix="distllm-", dir="/dev/shm")  # 0700, unique per engine
+            else:
+                d = self.ipc_dir
+            plan_ring, result_ring = os.path.join(d, "plans.ring"), os.path.join(d, "results.ring")
+            create_ring(plan_ring)
+            create_ring(result_ring)
+        except OSError as e:
+            logger.warning("transport: no shared-memory rings (%s); using ZeroMQ only", e)
+            if d is not None and d != self.ipc_dir:
+                shutil.rmtree(d, ignore_errors=True)
+            return
+        self.shm_dir, self.plan_ring, self.result_ring = d, plan_ring, result_ring
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "plan_addr": self.plan_addr,
             "result_addr": self.result_addr,
             "hmac_key": self.hmac_key.hex(),
             "ipc_dir": self.ipc_dir,
+            "shm_dir": self.shm_dir,
+            "plan_ring": self.plan_ring,
+            "result_ring": self.result_ring,
         }
 
     @classmethod
@@ -210,12 +284,31 @@ class TransportConfig:
         key = bytes.fromhex(d["hmac_key"])
         if len(key) < 16:
             raise ValueError("hmac key too short")
-        return cls(d["plan_addr"], d["result_addr"], key, d.get("ipc_dir"))
+        return cls(d["plan_addr"], d["result_addr"], key, d.get("ipc_dir"), d.get("shm_dir"), d.get("plan_ring"),
+                   d.get("result_ring"))
+
+    def unlink_rings(self) -> None:
+        """Remove the ring files and their dir while they stay mapped. The driver does this once
+        every rank has acked its handshake (a WorkerChannel maps its rings before it says ready),
+        so a driver killed before cleanup() leaves nothing behind in /dev/shm (which is memory).
+        A channel opened later finds no ring and uses ZeroMQ alone."""
+        for path in (self.plan_ring, self.result_ring):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        if self.shm_dir and self.shm_dir != self.ipc_dir:
+            try:
+                os.rmdir(self.shm_dir)
+            except OSError:
+                pass
 
     def cleanup(self) -> None:
-        """Remove the per-engine ipc dir (driver side, after the channels are closed)."""
-        if self.ipc_dir:
-            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+        """Remove the per-engine ipc and shm dirs (driver side, after the channels are closed)."""
+        for d in (self.shm_dir, self.ipc_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 # ---- framing -----------------------------------------------------------------------------
@@ -255,7 +348,7 @@ def make_frames(key: bytes, kind: str, seq: int, sender: int, step_id: int, payl
 
 
 class _Endpoint:
-    """Shared framing / verification for both sides."""
+    """Shared framing / verification / receiving for both sides."""
 
     _accepts: frozenset[str]
     _name: str
@@ -268,44 +361,76 @@ class _Endpoint:
         self._last_seq: dict[int, int] = {}
         self._closed = False
         self.num_dropped = 0
+        # The shared-memory fast path (see the module docstring); set up by the subclasses.
+        self._ring_out: ShmRing | None = None  # where this side's frames get a second copy
+        self._ring_in: ShmRing | None = None  # where frames from _ring_sender may come first
+        self._ring_sender = DRIVER_SENDER
+        # Frames taken from _ring_in whose ZeroMQ copy has not been drained yet, oldest first.
+        self._taken: deque[list[bytes]] = deque(maxlen=_TAKEN_MAX)
+        # A seq the ring will not give (lapped, torn, failed MAC): wait for its ZeroMQ copy.
+        self._ring_skip = 0
+        self.shm_taken = 0  # frames taken from shm
+        self.shm_missed = 0  # frames the ring had but could not give (lapped, torn, failed MAC)
 
     def _sock(self, kind: int) -> zmq.Socket:
         s = self._ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         return s
 
+    def _open_ring(self, path: str | None, writable: bool) -> ShmRing | None:
+        if path is None or not shm_enabled():
+            return None
+        try:
+            return ShmRing(path, writable)
+        except (OSError, ValueError) as e:
+            logger.warning("%s: shared-memory ring unavailable (%s); using ZeroMQ only", self._name, e)
+            return None
+
     def _frames(self, kind: str, step_id: int, payload: bytes, sender: int) -> list[bytes]:
         self._seq += 1
         header = msgpack.packb([kind, self._seq, sender, step_id])
         return [header, payload, self._mac(header, payload)]
 
+    def _send(self, sock: zmq.Socket, kind: str, step_id: int, payload: bytes, sender: int, shm: bool) -> None:
+        """Sign and send one frame on ZeroMQ; with ``shm``, put a copy in the ring first (when it
+        fits a slot) so a spinning reader can take it without waiting for ZeroMQ's I/O threads."""
+        frames = self._frames(kind, step_id, payload, sender)
+        if shm and self._ring_out is not None:
+            self._ring_out.write(self._seq, *frames)
+        sock.send_multipart(frames, copy=len(payload) < 65536)
+
     def _drop(self, reason: str) -> None:
         self.num_dropped += 1
         logger.warning("%s: dropped a frame: %s", self._name, reason)
 
-    def _verify(self, frames: list[bytes]) -> tuple[str, int, int, bytes] | None:
-        """Return (kind, sender, step_id, payload) or None (dropped and logged)."""
+    def _check(self, frames: list[bytes]) -> tuple[str, int, int, int, bytes] | str:
+        """(kind, seq, sender, step_id, payload) of a signed, well-formed frame meant for this
+        side, or why it is not one (the seq is not checked here)."""
         if len(frames) != 3:
-            self._drop(f"expected 3 frames, got {len(frames)}")
-            return None
+            return f"expected 3 frames, got {len(frames)}"
         header, payload, mac = frames
         if len(mac) != 32 or not hmac.compare_digest(self._mac(header, payload), mac):
-            self._drop("bad HMAC")
-            return None
+            return "bad HMAC"
         try:
             h = msgpack.unpackb(header, raw=False)
             kind, seq, sender, step_id = h
             if not (isinstance(kind, str) and type(seq) is int and type(sender) is int and type(step_id) is int):
                 raise ValueError(h)
         except Exception:  # noqa: BLE001 - a signed but malformed header
-            self._drop("malformed header")
-            return None
+            return "malformed header"
         if kind not in self._accepts:
-            self._drop(f"unexpected kind {kind!r}")
-            return None
+            return f"unexpected kind {kind!r}"
         if not self._sender_ok(sender):
-            self._drop(f"unexpected sender {sender}")
+            return f"unexpected sender {sender}"
+        return kind, seq, sender, step_id, payload
+
+    def _verify(self, frames: list[bytes]) -> tuple[str, int, int, bytes] | None:
+        """Return (kind, sender, step_id, payload) or None (dropped and logged)."""
+        c = self._check(frames)
+        if type(c) is str:
+            self._drop(c)
             return None
+        kind, seq, sender, step_id, payload = c
         last = self._last_seq.get(sender, 0)
         if seq <= last:
             self._drop(f"replayed/stale frame from sender {sender} (seq {seq} <= {last})")
@@ -316,31 +441,101 @@ class _Endpoint:
     def _sender_ok(self, sender: int) -> bool:
         raise NotImplementedError
 
-    def _recv(self, sock: zmq.Socket, deadline: float) -> list[bytes] | None:
-        """Receive one raw multipart message before the deadline, or None."""
-        try:
-            return sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-        now = time.monotonic()
-        spin_until = min(deadline, now + RECV_SPIN_S)
-        while now < spin_until:  # see RECV_SPIN_S
+    def _ring_ready(self) -> bool:
+        """Whether frames may be taken from _ring_in now (the worker waits for its first sync)."""
+        return True
+
+    # -- receiving
+
+    def _from_zmq(self, frames: list[bytes]) -> tuple[str, int, int, bytes] | None:
+        taken = self._taken
+        if taken and len(frames) == 3:
+            # The ZeroMQ copy of a frame already taken from shm: byte for byte the frame that
+            # was verified there, so it is dropped silently, without another HMAC. Copies come
+            # in order, so older entries (whose copies never came) go too.
+            for i, t in enumerate(taken):
+                if t[2] == frames[2] and t[0] == frames[0] and t[1] == frames[1]:
+                    for _ in range(i + 1):
+                        taken.popleft()
+                    return None
+        v = self._verify(frames)  # anything else: checked (and logged when bad) as always
+        if v is not None and taken and v[1] == self._ring_sender:
+            taken.clear()  # a newer frame came on ZeroMQ: the older copies are not coming
+        return v
+
+    def _from_ring(self, ring: ShmRing) -> tuple[str, int, int, bytes] | None:
+        """The sender's next frame if the ring holds it intact and signed; None otherwise.
+
+        Only the very next seq is taken, so frames stay in order with those that came on
+        ZeroMQ alone (too big for a slot, or not written to the ring). Misses are silent: the
+        ZeroMQ copy of every frame follows."""
+        sender = self._ring_sender
+        seq = self._last_seq.get(sender, 0) + 1
+        if seq == self._ring_skip:
+            return None
+        got = ring.read(seq)
+        if type(got) is int:
+            if got != EMPTY:  # lapped or torn: this one has to come on ZeroMQ
+                self._ring_skip = seq
+                self.shm_missed += 1
+            return None
+        c = self._check(got)
+        if type(c) is str or c[1] != seq or c[2] != sender:  # torn (or forged): not in shm
+            self._ring_skip = seq
+            self.shm_missed += 1
+            return None
+        self._last_seq[sender] = seq
+        taken = self._taken
+        if len(taken) == taken.maxlen:
+            logger.debug("%s: %d shm frames without their ZeroMQ copy", self._name, len(taken))
+        taken.append(got)
+        self.shm_taken += 1
+        return c[0], sender, c[3], c[4]
+
+    def _recv(self, sock: zmq.Socket, deadline: float) -> tuple[str, int, int, bytes] | None:
+        """The next valid (kind, sender, step_id, payload) before the deadline, or None.
+
+        Each pass looks at the ring, then ZeroMQ; it spins (see RECV_SPIN_S) and then blocks in
+        poll(), where the ZeroMQ copy of a frame wakes it. The ring goes first because it is
+        cheap to look at (ZeroMQ's EVENTS check costs several times more) and the next frame
+        is usually there before ZeroMQ delivers it; order is kept because the ring only ever
+        gives the sender's next seq. A receiver that always finds its next frame in the ring
+        would never read ZeroMQ, so once _DRAIN_AT ZeroMQ copies of frames taken from shm are
+        waiting, ZeroMQ goes first until they are drained.
+        """
+        ring = self._ring_in
+        spin_until = -1.0
+        while True:
+            shm = ring is not None and self._ring_ready()
+            if shm and len(self._taken) < _DRAIN_AT:
+                v = self._from_ring(ring)
+                if v is not None:
+                    return v
+                shm = False  # looked already
             if sock.get(zmq.EVENTS) & zmq.POLLIN:
                 try:
-                    return sock.recv_multipart(zmq.NOBLOCK)
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
-                    pass
-            _yield()
+                    frames = None
+                if frames is not None:
+                    v = self._from_zmq(frames)
+                    if v is not None:
+                        return v
+                    continue
+            if shm:
+                v = self._from_ring(ring)
+                if v is not None:
+                    return v
             now = time.monotonic()
-        while True:
-            remaining = deadline - time.monotonic()
+            if spin_until < 0:
+                spin_until = min(deadline, now + RECV_SPIN_S)
+            if now < spin_until:
+                _yield()
+                continue
+            remaining = deadline - now
             if remaining <= 0:
                 return None
-            if sock.poll(max(1, int(remaining * 1000 + 0.999))):
-                try:
-                    return sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    continue
+            sock.poll(max(1, int(remaining * 1000 + 0.999)))
 
     def close(self) -> None:
         if self._closed:
@@ -349,6 +544,9 @@ class _Endpoint:
         for s in self._sockets():
             s.close(linger=0)
         self._ctx.term()
+        for ring in (self._ring_in, self._ring_out):
+            if ring is not None:
+                ring.close()
 
     def _sockets(self) -> list[zmq.Socket]:
         raise NotImplementedError
@@ -390,6 +588,11 @@ class DriverChannel(_Endpoint):
             self._pull = self._sock(zmq.PULL)
             self._pull.setsockopt(zmq.RCVHWM, RESULT_HWM)
             config.result_addr = self._bind(self._pull, config.result_addr)
+            # Fast path: every frame to the workers also goes in the plan ring; rank 0's
+            # results may come first through the result ring.
+            self._ring_out = self._open_ring(config.plan_ring, writable=True)
+            self._ring_in = self._open_ring(config.result_ring, writable=False)
+            self._ring_sender = 0
         except Exception:
             self.close()
             raise
@@ -437,13 +640,10 @@ class DriverChannel(_Endpoint):
                     f"subscribed ranks {sorted(self.acked_ranks)}, expected {n}"
                 )
             if now >= next_sync:
-                self._pub.send_multipart(self._frames(KIND_CTL, 0, _ctl(CTL_SYNC), DRIVER_SENDER))
+                self._send(self._pub, KIND_CTL, 0, _ctl(CTL_SYNC), DRIVER_SENDER, shm=True)
                 next_sync = now + interval
                 interval = min(interval * 2, _SYNC_INTERVAL_MAX_S)
-            frames = self._recv(self._pull, min(deadline, next_sync))
-            if frames is None:
-                continue
-            v = self._verify(frames)
+            v = self._recv(self._pull, min(deadline, next_sync))
             if v is None:
                 continue
             kind, sender, step_id, payload = v
@@ -453,6 +653,7 @@ class DriverChannel(_Endpoint):
                 raise self._worker_error(sender, step_id, payload)
             else:
                 self._drop(f"result for step {step_id} from rank {sender} before the handshake finished")
+        self.config.unlink_rings()
 
     def _handle_ctl(self, sender: int, payload: bytes) -> None:
         cmd = _ctl_cmd(payload)
@@ -475,21 +676,18 @@ class DriverChannel(_Endpoint):
     # -- steady state
 
     def send_plan(self, step_id: int, payload: bytes) -> None:
-        self._pub.send_multipart(self._frames(KIND_PLAN, step_id, payload, DRIVER_SENDER), copy=len(payload) < 65536)
+        self._send(self._pub, KIND_PLAN, step_id, payload, DRIVER_SENDER, shm=True)
 
     def send_shutdown(self) -> None:
-        self._pub.send_multipart(self._frames(KIND_CTL, 0, _ctl(CTL_SHUTDOWN), DRIVER_SENDER))
+        self._send(self._pub, KIND_CTL, 0, _ctl(CTL_SHUTDOWN), DRIVER_SENDER, shm=True)
 
     def recv_result(self, timeout_s: float) -> tuple[int, bytes] | None:
         """Next valid (step_id, payload) from a worker; None on timeout; raises WorkerError."""
         deadline = time.monotonic() + timeout_s
         while True:
-            frames = self._recv(self._pull, deadline)
-            if frames is None:
-                return None
-            v = self._verify(frames)
+            v = self._recv(self._pull, deadline)
             if v is None:
-                continue
+                return None
             kind, sender, step_id, payload = v
             if kind == KIND_RESULT:
                 return step_id, payload
@@ -520,10 +718,16 @@ class WorkerChannel(_Endpoint):
             self._push = self._sock(zmq.PUSH)
             self._push.setsockopt(zmq.SNDHWM, RESULT_HWM)
             self._push.connect(config.result_addr)
+            # Fast path: plans may come first through the plan ring (once synced); rank 0's
+            # results also go in the result ring (other ranks and other kinds: ZeroMQ only).
+            self._ring_in = self._open_ring(config.plan_ring, writable=False)
+            self._ring_sender = DRIVER_SENDER
+            if rank == 0:
+                self._ring_out = self._open_ring(config.result_ring, writable=True)
         except Exception:
             self.close()
             raise
-        self._push.send_multipart(self._frames(KIND_CTL, 0, _ctl(CTL_READY, rank=rank), rank))
+        self._send(self._push, KIND_CTL, 0, _ctl(CTL_READY, rank=rank), rank, shm=False)
 
     def _sockets(self) -> list[zmq.Socket]:
         return [s for s in (getattr(self, "_sub", None), getattr(self, "_push", None)) if s is not None]
@@ -535,14 +739,16 @@ class WorkerChannel(_Endpoint):
     def synced(self) -> bool:
         return self._synced
 
+    def _ring_ready(self) -> bool:
+        # Only a sync that came over ZeroMQ proves the subscription (see the handshake), so the
+        # ring is not read before it; from then on ZeroMQ carries every frame, in order.
+        return self._synced
+
     def _next(self, deadline: float, stop_on_sync: bool = False) -> tuple[int, bytes] | None:
         while True:
-            frames = self._recv(self._sub, deadline)
-            if frames is None:
-                return None
-            v = self._verify(frames)
+            v = self._recv(self._sub, deadline)
             if v is None:
-                continue
+                return None
             kind, _sender, step_id, payload = v
             if kind == KIND_PLAN:
                 return step_id, payload
@@ -550,7 +756,7 @@ class WorkerChannel(_Endpoint):
             if cmd == CTL_SYNC:
                 if not self._synced:
                     self._synced = True
-                    self._push.send_multipart(self._frames(KIND_CTL, 0, _ctl(CTL_ACK, rank=self.rank), self.rank))
+                    self._send(self._push, KIND_CTL, 0, _ctl(CTL_ACK, rank=self.rank), self.rank, shm=False)
                     if stop_on_sync:
                         return None
             elif cmd == CTL_SHUTDOWN:
@@ -575,8 +781,8 @@ class WorkerChannel(_Endpoint):
         return self._next(time.monotonic() + timeout_s)
 
     def send_result(self, step_id: int, payload: bytes) -> None:
-        self._push.send_multipart(self._frames(KIND_RESULT, step_id, payload, self.rank), copy=len(payload) < 65536)
+        self._send(self._push, KIND_RESULT, step_id, payload, self.rank, shm=True)
 
     def send_error(self, message: str, step_id: int | None = None) -> None:
         payload = msgpack.packb({"rank": self.rank, "message": message})
-        self._push.send_multipart(self._frames(KIND_ERROR, -1 if step_id is None else step_id, payload, self.rank))
+        self._send(self._push, KIND_ERROR, -1 if step_id is None else step_id, payload, self.rank, shm=False)
