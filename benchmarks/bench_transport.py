@@ -16,7 +16,9 @@ one batch size and kind sit together, so one run compares them. ``shm %``: the s
 (rank 0) and results (driver) taken from shared memory rather than from ZeroMQ.
 
 Workers are spawned processes (as with the ``mp`` executor), so driver and worker do not share
-a GIL. Batch 256 = 256 cached (decoding) requests with one new token each; batch 1 = one.
+a GIL. Batch 256 = 256 cached (decoding) requests, each scheduled for one token and sending no
+token ids (the workers keep the ids they sample, so the scheduler sends none in a decode phase),
+every 16th with a new block; batch 1 = one.
 Request ids look like the server's (``cmpl-<32 hex>-0``). ``wrk dec``/``wrk enc``: rank 0's
 median plan decode and result encode.
 
@@ -67,10 +69,7 @@ def make_plan(step_id: int, req_ids: list[str]) -> StepPlan:
         return StepPlan(step_id=1, new_requests=new, num_scheduled_tokens={rid: _PROMPT_LEN for rid in req_ids})
     cached = [
         # every 16th request crosses a block boundary this step (block size 16)
-        CachedRequestData(
-            rid, [1000 + (step_id * 7 + i) % 30000], [step_id * 256 + i] if i % 16 == 0 else [],
-            _PROMPT_LEN + step_id + i,
-        )
+        CachedRequestData(rid, [], [step_id * 256 + i] if i % 16 == 0 else [], _PROMPT_LEN + step_id + i)
         for i, rid in enumerate(req_ids)
     ]
     return StepPlan(step_id=step_id, cached_requests=cached, num_scheduled_tokens={rid: 1 for rid in req_ids})
