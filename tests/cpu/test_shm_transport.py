@@ -6,7 +6,6 @@ import logging
 import os
 import stat
 import struct
-import threading
 
 import msgpack
 import pytest
@@ -80,27 +79,9 @@ def test_ring_torn_slot_and_bad_files(tmp_path):
 # ---- the channels over it -----------------------------------------------------------------
 
 
-class Setup:
-    """A driver and n workers in this process, handshake done (as in test_transport)."""
-
-    def __init__(self, mode: str, n: int = 2):
-        self.cfg = TransportConfig.create(mode)
-        self.driver = DriverChannel(self.cfg)
-        wire = msgpack.unpackb(msgpack.packb(self.cfg.to_dict()), raw=False)
-        self.workers = [WorkerChannel(TransportConfig.from_dict(wire), r) for r in range(n)]
-        ts = [threading.Thread(target=w.handshake, args=(10,)) for w in self.workers]
-        for t in ts:
-            t.start()
-        self.driver.wait_for_workers(n, timeout_s=10)
-        for t in ts:
-            t.join()
-        assert all(w.synced for w in self.workers)
-
-    def close(self):
-        for w in self.workers:
-            w.close()
-        self.driver.close()
-        self.cfg.cleanup()
+# A driver and n workers in this process, handshake done (tests/cpu is on sys.path under
+# pytest's default import mode, as for every test module here).
+from test_transport import Setup  # noqa: E402
 
 
 def _round_trips(s: Setup, steps, payload=lambda step: b"plan %d" % step) -> None:
