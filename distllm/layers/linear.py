@@ -102,9 +102,14 @@ class LinearBase(nn.Module):
                 param = self._allocate_weight(torch.empty(param.shape, dtype=param.dtype, device=self._device))
         param.data[offset : offset + rows].copy_(materialize(part, param.dtype))
 
-    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> torch.Tensor:
+        """x @ W.T (+ bias); ``gated``: x is [gate | up] and silu(gate) * up is multiplied."""
         if self.qweight is None:
+            if gated:
+                return dispatch.silu_and_mul_linear(x, self.weight, bias)
             return dispatch.linear(x, self.weight, bias)
+        if gated:
+            x = dispatch.silu_and_mul(x)
         y = self.qweight.matmul(x, self.weight)
         return y if bias is None else y + bias
 
@@ -233,8 +238,10 @@ class RowParallelLinear(LinearBase):
         n = self.in_per_rank  # not param.shape[1]: a quantized weight's columns are bytes
         self._load_rows(param, _narrow(loaded, 1, self.tp_rank * n, n), 0, param.shape[0])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._linear(x, None)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """``gated``: x is a gated MLP's [gate | up]; SiLU-and-mul is applied first (fused into
+        the decode GEMV where it takes this layer)."""
+        y = self._linear(x, None, gated)
         if self.reduce_results:
             y = tp_all_reduce(y)
         if self.bias is not None:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from distllm.distributed.parallel_state import get_tp_size
-from distllm.layers.activation import SiluAndMul
 from distllm.layers.attention import Attention
 from distllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -118,10 +117,10 @@ class DecoderMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype,
                                            reduce_results=not fuses_all_reduce(spec))
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # SiLU-and-mul happens inside down_proj (one GEMV launch for both in decode).
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class DecoderLayer(nn.Module):

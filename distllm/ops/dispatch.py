@@ -82,6 +82,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(x) @ weight.T (+ bias) for x = [gate | up]: one gated GEMV for decode rows
+    where it applies (triton_gemv.GATED), else the activation and then the linear."""
+    if use_triton(x):
+        from distllm.ops import triton_gemv
+
+        if triton_gemv.applies(x, weight, bias, gated=True):
+            return triton_gemv.gemv(x, weight, bias, gated=True)
+    return linear(silu_and_mul(x), weight, bias)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] -> int64 [B], the first index of each row's maximum (torch.argmax(x, -1))."""
     if use_triton(x) and x.dim() == 2:

@@ -18,6 +18,14 @@ BLOCK_D = 1024  # output columns per program
 
 
 @triton.jit
+def silu_mul(gate, up, ty: tl.constexpr):
+    """silu(gate) * up for float32 gate and up, rounded as silu_and_mul_ref rounds (silu to ty
+    first, the product to ty): the one formula this kernel and the gated GEMV share."""
+    act = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)
+    return (act * up).to(ty)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, stride_ot, BLOCK: tl.constexpr,
         USE_PDL: tl.constexpr = False):
     pdl_wait(USE_PDL)  # see ops/pdl.py
@@ -27,9 +35,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xt, stride_ot, BLOCK: tl.cons
     x_row = x_ptr + row * stride_xt
     gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_row + d + cols, mask=mask, other=0.0).to(tl.float32)
-    ty = out_ptr.dtype.element_ty
-    act = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_ot + cols, (act * up).to(ty), mask=mask)
+    tl.store(out_ptr + row * stride_ot + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -24,12 +24,16 @@ import triton
 import triton.language as tl
 
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+from distllm.ops.triton_activation import silu_mul
 
 # On by default with the "oneshot" tiles: on an H200, SmolLM2-135M batch-1 decode went from
 # 1069.5 tok/s on cuBLAS to 1387.0 with this kernel (benchmarks/README.md). Its first tiles (the
 # "table" rule, chosen with weights hot in L2) had made it slower: 1040 vs 1168 tok/s.
 ENABLED = os.environ.get("DISTLLM_GEMV", "1").strip().lower() not in ("0", "false", "no", "off")
 MAX_M = int(os.environ.get("DISTLLM_GEMV_MAX_M", "2"))
+# The MLP's down projection takes [gate | up] and applies SiLU-and-mul as it loads x (one
+# launch less per layer, bit-identical output). Off until measured on a GPU.
+GATED = os.environ.get("DISTLLM_GEMV_SILU", "0").strip().lower() in ("1", "true", "yes", "on")
 # Up to SmolLM2's largest decode weight (3072 x 576), where the end-to-end gain was measured;
 # larger, bandwidth-bound weights stay on cuBLAS until measured from HBM.
 MAX_WEIGHT_ELEMENTS = int(os.environ.get("DISTLLM_GEMV_MAX_ELEMENTS", str(2 << 20)))
@@ -57,17 +61,30 @@ TILES = os.environ.get("DISTLLM_GEMV_TILES", "oneshot").strip().lower()
 ONESHOT_TILE_ELEMENTS = 4096
 
 
+@triton.jit
+def _x_tile(x_rows, k, mask, K, GATED: tl.constexpr):
+    """x[:, k] ([BM, BK], x's dtype); GATED: silu(x[:, k]) * x[:, K + k] (x rows are [gate | up])."""
+    if GATED:
+        gate = tl.load(x_rows + k[None, :], mask=mask, other=0.0)
+        up = tl.load(x_rows + K + k[None, :], mask=mask, other=0.0)
+        return silu_mul(gate.to(tl.float32), up.to(tl.float32), gate.dtype)
+    return tl.load(x_rows + k[None, :], mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, GATED: tl.constexpr = False,
 ):
     """y[m-tile, n-tile]: one program = BLOCK_N rows of W x BLOCK_M rows of x. BLOCK_M > 1 reads
     each weight tile once for several rows of x (a large weight then comes from HBM once).
-    The first K step is peeled: its weight tile is loaded before the PDL wait (ops/pdl.py)."""
+    The first K step is peeled: its weight tile is loaded before the PDL wait (ops/pdl.py).
+    GATED: x's rows are [gate | up] (2K wide) and the kernel multiplies silu(gate) * up,
+    rounded exactly as the SiLU-and-mul kernel rounds it, so the MLP's activation needs no
+    launch (and no round trip through memory) of its own."""
     pid_n = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -79,13 +96,13 @@ def _gemv_kernel(
     mask_k = offs_k < K
     w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
     pdl_wait(USE_PDL)
-    x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+    x = _x_tile(x_rows, offs_k, mask_m[:, None] & mask_k[None, :], K, GATED)  # [BM, BK]
     acc = w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
-        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+        x = _x_tile(x_rows, k, mask_m[:, None] & mask_k[None, :], K, GATED)  # [BM, BK]
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
@@ -108,11 +125,14 @@ def gemv_config(n: int, k: int) -> tuple[int, ...]:
     return CONFIGS[-1][1]
 
 
-def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Is y = x @ weight.T (+ bias) one this kernel should take?"""
-    if not (ENABLED and x.dim() == 2 and weight.dim() == 2):
+def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> bool:
+    """Is y = x @ weight.T (+ bias) one this kernel should take? ``gated``: y = silu_and_mul(x)
+    @ weight.T, x's rows being [gate | up], twice the weight's K."""
+    if not (ENABLED and x.dim() == 2 and weight.dim() == 2) or (gated and not GATED):
         return False
     m, (n, k) = x.shape[0], weight.shape
+    if x.shape[1] != (2 * k if gated else k):
+        return False
     return (
         (0 < m <= MAX_M and n * k <= MAX_WEIGHT_ELEMENTS or 0 < m <= MAX_LARGE_M and n <= MAX_LARGE_N)
         and x.dtype == weight.dtype
@@ -124,12 +144,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation."""
+         config: tuple[int, ...] | None = None, gated: bool = False) -> torch.Tensor:
+    """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation.
+    ``gated``: x is [M, 2K] = [gate | up] and silu(gate) * up takes its place (ops/triton_activation)."""
     m, k = x.shape
+    if gated:
+        if k % 2:
+            raise ValueError(f"gated x must be [gate | up], got an odd width {k}")
+        k //= 2
     n = weight.shape[0]
     if weight.shape[1] != k:
-        raise ValueError(f"x has K={k} but the weight is {tuple(weight.shape)}")
+        raise ValueError(f"x has K={k}{' (gated)' if gated else ''} but the weight is {tuple(weight.shape)}")
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # (BLOCK_N, BLOCK_K, num_warps[, num_stages[, BLOCK_M]]): stages pipeline the K loop's
     # loads; BLOCK_M rows of x share each weight tile.
@@ -140,6 +165,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, **extra,
-        **launch_options(use_pdl(x)),
+        GATED=gated, **launch_options(use_pdl(x)),
     )
     return y

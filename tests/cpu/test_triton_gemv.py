@@ -13,6 +13,7 @@ import torch
 import triton  # noqa: F401  (a missing or broken interpreter must fail these tests, not skip)
 from triton.runtime.interpreter import InterpretedFunction
 
+import distllm.ops.triton_activation as _act
 import distllm.ops.triton_gemv as _tg
 from distllm.ops import dispatch
 
@@ -21,6 +22,7 @@ from distllm.ops import dispatch
 def _interpreted_kernels():
     os.environ["TRITON_INTERPRET"] = "1"
     if not isinstance(_tg._gemv_kernel, InterpretedFunction):
+        importlib.reload(_act)  # the gated GEMV calls its silu_mul helper
         importlib.reload(_tg)
     yield
     if _PREV_INTERPRET is None:
@@ -160,3 +162,54 @@ def test_dispatch_linear_routes(monkeypatch):
     monkeypatch.delenv("DISTLLM_FORCE_TRITON")
     dispatch.linear(x, w, b)  # CPU tensors: torch
     assert calls == [1]
+
+
+@pytest.mark.parametrize("m,n,d", [(1, 9, 40), (2, 33, 100), (1, 19, 300)])
+@pytest.mark.parametrize("config", [None, (4, 64, 2), (8, 32, 4, 2, 2)])
+def test_gated_equals_silu_and_mul_then_gemv(m, n, d, config):
+    """x = [gate | up]: the gated kernel rounds silu(gate) * up exactly as the SiLU-and-mul
+    kernel does, so its output is bit-identical to the two launches."""
+    g = torch.Generator().manual_seed(m + n + d)
+    x = (torch.randn(m, 2 * d, generator=g) * 2).to(torch.float16)
+    w = (torch.randn(n, d, generator=g) / d**0.5).to(torch.float16)
+    b = torch.randn(n, generator=g).to(torch.float16)
+    two = _tg.gemv(_act.silu_and_mul(x), w, b, config=config)
+    one = _tg.gemv(x, w, b, config=config, gated=True)
+    assert torch.equal(one, two)
+    ref = _ref(torch.nn.functional.silu(x[:, :d].float()) * x[:, d:].float(), w, b)
+    torch.testing.assert_close(one.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_gated_applies_only_when_on_and_shapes_match(monkeypatch):
+    monkeypatch.setattr(_tg, "ENABLED", True)
+    x, w, _ = _inputs(1, 8, 32, seed=5)
+    gu = torch.cat([x, x], dim=1)  # [1, 64]
+    monkeypatch.setattr(_tg, "GATED", False)
+    assert not _tg.applies(gu, w, None, gated=True)
+    monkeypatch.setattr(_tg, "GATED", True)
+    assert _tg.applies(gu, w, None, gated=True)
+    assert not _tg.applies(x, w, None, gated=True)  # not [gate | up] for this weight
+    assert not _tg.applies(gu, w, None)  # ungated: K does not match
+    with pytest.raises(ValueError, match="odd width"):
+        _tg.gemv(gu[:, :63], w, gated=True)
+
+
+def test_dispatch_gated_linear_routes(monkeypatch):
+    monkeypatch.setattr(_tg, "ENABLED", True)
+    monkeypatch.setattr(_tg, "GATED", True)
+    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
+    g = torch.Generator().manual_seed(3)
+    gu = torch.randn(1, 96, generator=g).to(torch.float16)
+    w = (torch.randn(24, 48, generator=g) / 7).to(torch.float16)
+    calls = []
+    real = _tg.gemv
+    monkeypatch.setattr(_tg, "gemv", lambda *a, **kw: calls.append(kw.get("gated")) or real(*a, **kw))
+    y = dispatch.silu_and_mul_linear(gu, w)
+    assert calls == [True]
+    monkeypatch.setattr(_tg, "GATED", False)
+    y2 = dispatch.silu_and_mul_linear(gu, w)  # the two launches
+    assert calls == [True, None] and torch.equal(y, y2)
+    monkeypatch.delenv("DISTLLM_FORCE_TRITON")
+    ref = dispatch.silu_and_mul_linear(gu.float(), w.float())  # CPU: torch
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+

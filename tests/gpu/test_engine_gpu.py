@@ -86,3 +86,16 @@ def test_pdl_on_equals_off(tiny_models, kind, monkeypatch):
     on = _greedy(tiny_models[kind], **kw)
     assert on == off
 
+
+
+def test_gated_gemv_on_equals_off(tiny_models, monkeypatch):
+    """SiLU-and-mul folded into the down projection's decode GEMV (DISTLLM_GEMV_SILU) rounds
+    exactly as the separate kernel does: bf16 greedy tokens with CUDA graphs are the same."""
+    from distllm.ops import triton_gemv
+
+    kw = dict(device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    monkeypatch.setattr(triton_gemv, "GATED", False)
+    off = _greedy(tiny_models["llama"], **kw)
+    monkeypatch.setattr(triton_gemv, "GATED", True)
+    on = _greedy(tiny_models["llama"], **kw)
+    assert on == off
