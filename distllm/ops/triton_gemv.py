@@ -34,8 +34,8 @@ MAX_M = int(os.environ.get("DISTLLM_GEMV_MAX_M", "2"))
 # The MLP's down projection takes [gate | up] and applies SiLU-and-mul as it loads x (one
 # launch less per layer, bit-identical output). Off until measured on a GPU.
 GATED = os.environ.get("DISTLLM_GEMV_SILU", "0").strip().lower() in ("1", "true", "yes", "on")
-# Up to SmolLM2's largest decode weight (3072 x 576), where the end-to-end gain was measured;
-# larger, bandwidth-bound weights stay on cuBLAS until measured from HBM.
+# Up to SmolLM2's largest decode weight (3072 x 576), where the end-to-end gain was measured,
+# at M <= MAX_M with one-shot tiles; larger weights follow the MAX_LARGE_N rule below.
 MAX_WEIGHT_ELEMENTS = int(os.environ.get("DISTLLM_GEMV_MAX_ELEMENTS", str(2 << 20)))
 # Weights above MAX_WEIGHT_ELEMENTS take the kernel at M = 1 when they have at most this many
 # rows (benchmarks/bench_gemv.py --large, H200, weights from HBM, best tile vs cuBLAS:
