@@ -193,6 +193,19 @@ def _i8_of(w, sel):
 
 
 @triton.jit
+def _nibble_pairs(acc, w, a_lo, b_lo, a_hi, b_hi, x_row, kx, mask_u, HI: tl.constexpr, E: tl.constexpr):
+    """acc + the 4-bit values of words w: byte j's low nibble is value kx + j (a_lo q + b_lo),
+    its high nibble value kx + HI + j (a_hi q + b_hi); Q4_0/Q4_1 (HI 16) and Q4_K (HI 32)."""
+    for j in tl.static_range(E):
+        x_lo = tl.load(x_row + kx + j, mask=mask_u, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + kx + (HI + j), mask=mask_u, other=0.0).to(tl.float32)
+        lo = ((w >> (8 * j)) & 0xF).to(tl.float32)
+        hi = ((w >> (8 * j + 4)) & 0xF).to(tl.float32)
+        acc += (a_lo * lo + b_lo) * x_lo + (a_hi * hi + b_hi) * x_hi
+    return acc
+
+
+@triton.jit
 def _gemv_words_kernel(
     x_ptr, w_ptr, y_ptr,
     N, K,
@@ -239,13 +252,7 @@ def _gemv_words_kernel(
                 d = _f16_lo(dw)
                 mn = _f16_hi(dw)
                 w = tl.load(blk + 1 + wi, mask=mask, other=0)
-            kx = u * 32 + E * wi
-            for j in tl.static_range(E):
-                x_lo = tl.load(x_row + kx + j, mask=mask_u, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_row + kx + (16 + j), mask=mask_u, other=0.0).to(tl.float32)
-                lo = ((w >> (8 * j)) & 0xF).to(tl.float32)
-                hi = ((w >> (8 * j + 4)) & 0xF).to(tl.float32)
-                acc += (d * lo + mn) * x_lo + (d * hi + mn) * x_hi
+            acc = _nibble_pairs(acc, w, d, mn, d, mn, x_row, u * 32 + E * wi, mask_u, 16, E)
         elif QTYPE == 12:  # Q4_K, int32: unit = 64 values g of block b: words 4 + 8 g + wi
             blk = rows + (u // 4) * TW
             g = u % 4
@@ -262,13 +269,7 @@ def _gemv_words_kernel(
             a_hi = d * sc_hi
             b_hi = -dmin * mn_hi
             w = tl.load(blk + 4 + g * 8 + wi, mask=mask, other=0)
-            kx = (u // 4) * 256 + g * 64 + 4 * wi
-            for j in tl.static_range(E):
-                x_lo = tl.load(x_row + kx + j, mask=mask_u, other=0.0).to(tl.float32)
-                x_hi = tl.load(x_row + kx + (32 + j), mask=mask_u, other=0.0).to(tl.float32)
-                lo = ((w >> (8 * j)) & 0xF).to(tl.float32)
-                hi = ((w >> (8 * j + 4)) & 0xF).to(tl.float32)
-                acc += (a_lo * lo + b_lo) * x_lo + (a_hi * hi + b_hi) * x_hi
+            acc = _nibble_pairs(acc, w, a_lo, b_lo, a_hi, b_hi, x_row, (u // 4) * 256 + g * 64 + 4 * wi, mask_u, 32, E)
         else:  # Q6_K, int16: unit = half h of block b, values 128 h + 32 i + 2 wi + j for i = 0..3
             blk = rows + (u // 2) * TW
             h = u % 2
