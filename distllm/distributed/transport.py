@@ -144,6 +144,9 @@ _TAKEN_MAX = 1024
 # How many ZeroMQ copies of frames taken from shm may wait before a receive drains ZeroMQ
 # before looking at the ring again (see _Endpoint._recv).
 _DRAIN_AT = 4
+# How many may wait before the ring is not read at all until ZeroMQ catches up: on a loaded
+# host ZeroMQ's I/O thread can fall far behind a spinning reader, and the copies would pile up.
+_TAKEN_CAP = 64
 
 
 def shm_enabled() -> bool:
@@ -501,7 +504,8 @@ class _Endpoint:
         is usually there before ZeroMQ delivers it; order is kept because the ring only ever
         gives the sender's next seq. A receiver that always finds its next frame in the ring
         would never read ZeroMQ, so once _DRAIN_AT ZeroMQ copies of frames taken from shm are
-        waiting, ZeroMQ goes first until they are drained.
+        waiting, ZeroMQ goes first until they are drained, and once _TAKEN_CAP are waiting the
+        ring is left alone: frames come from ZeroMQ (the same frames, in the same order).
         """
         ring = self._ring_in
         spin_until = -1.0
@@ -522,7 +526,7 @@ class _Endpoint:
                     if v is not None:
                         return v
                     continue
-            if shm:
+            if shm and len(self._taken) < _TAKEN_CAP:
                 v = self._from_ring(ring)
                 if v is not None:
                     return v
