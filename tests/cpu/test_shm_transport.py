@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import struct
+import time
 
 import msgpack
 import pytest
@@ -95,11 +96,13 @@ def _round_trips(s: Setup, steps, payload=lambda step: b"plan %d" % step) -> Non
 
 def _drained(s: Setup) -> None:
     """Nothing more comes on either side; the ZeroMQ copies were dropped silently."""
-    for w in s.workers:
-        assert w.recv_plan(timeout_s=0.05) is None
-        assert w.num_dropped == 0 and not w._taken
-    assert s.driver.recv_result(timeout_s=0.05) is None
-    assert s.driver.num_dropped == 0 and not s.driver._taken
+    # A loaded host may deliver the last copies late: receive (getting nothing) until they came.
+    for end, recv in [(w, w.recv_plan) for w in s.workers] + [(s.driver, s.driver.recv_result)]:
+        deadline = time.monotonic() + 10
+        assert recv(timeout_s=0.05) is None
+        while end._taken and time.monotonic() < deadline:
+            assert recv(timeout_s=0.05) is None
+        assert end.num_dropped == 0 and not end._taken
 
 
 def test_frames_come_through_shm_in_order(caplog):
