@@ -35,6 +35,11 @@ SHAPES = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
     ),
+    # Host-cost measurements on a CPU (bench_step_phases.py): the model's own work is tiny.
+    "micro": dict(
+        vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+    ),
     "small": dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096, rope_theta=10000.0,

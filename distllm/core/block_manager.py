@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from distllm.core.prefix_hash import hash_block_chain, normalize_salt
+from distllm.core.prefix_hash import hash_block_tokens, normalize_salt
 
 if TYPE_CHECKING:
     from distllm.core.request import Request
@@ -54,7 +54,7 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached_blocks: dict[int, int] = {}  # block hash -> block id
         # Per request: how many leading blocks of its table are registered in the prefix cache.
-        self._num_cached_blocks: dict[str, int] = {}
+        self.num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
 
@@ -86,14 +86,18 @@ class BlockManager:
 
     def _update_hashes(self, request: "Request", num_tokens: int) -> list[int]:
         """Hashes of the request's full blocks within its first ``num_tokens`` tokens."""
-        need = num_tokens // self.block_size
-        if len(request.block_hashes) < need:
+        bs = self.block_size
+        need = num_tokens // bs
+        hashes = request.block_hashes
+        have = len(hashes)
+        if have < need:
+            # Only the new blocks' tokens are sliced out (a long request holds thousands).
             extra = (request.cache_salt,) if request.cache_salt else None
-            tokens = request.all_token_ids[: need * self.block_size]
-            request.block_hashes = hash_block_chain(
-                tokens, self.block_size, request.block_hashes, extra, self.hash_salt
-            )
-        return request.block_hashes[:need]
+            tokens = request.token_ids_from(have * bs)
+            for i in range(need - have):
+                parent = hashes[-1] if hashes else None
+                hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], extra, self.hash_salt))
+        return hashes if len(hashes) == need else hashes[:need]
 
     # ---- lookup / allocation ---------------------------------------------------------------
 
@@ -148,7 +152,7 @@ class BlockManager:
             for bid in new_computed_blocks:
                 self._touch(bid)
                 added.append(bid)
-            self._num_cached_blocks[request.request_id] = len(new_computed_blocks)
+            self.num_cached_blocks[request.request_id] = len(new_computed_blocks)
         request.block_ids.extend(added)
         num_total = request.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_new_tokens
         for _ in range(self.blocks_needed(num_total) - len(request.block_ids)):
@@ -182,7 +186,7 @@ class BlockManager:
             if blk.ref_cnt == 0:
                 self._free[bid] = None
         request.block_ids = []
-        self._num_cached_blocks.pop(request.request_id, None)
+        self.num_cached_blocks.pop(request.request_id, None)
 
     # ---- caching ---------------------------------------------------------------------------
 
@@ -190,7 +194,7 @@ class BlockManager:
         """Register the request's blocks that are full and computed in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        start = self._num_cached_blocks.get(request.request_id, 0)
+        start = self.num_cached_blocks.get(request.request_id, 0)
         if num_computed_tokens < (start + 1) * self.block_size:
             return  # no block filled since the last call: the per-step common case
         if request.is_pooling:
@@ -208,7 +212,7 @@ class BlockManager:
             if blk.block_hash is None and h not in self.cached_blocks:
                 blk.block_hash = h
                 self.cached_blocks[h] = blk.block_id
-        self._num_cached_blocks[request.request_id] = num_full
+        self.num_cached_blocks[request.request_id] = num_full
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block. Refused (False) while any block is held by a request."""

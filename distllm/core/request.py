@@ -125,7 +125,7 @@ class Request:
         self.output_token_ids.extend(token_ids)
 
 
-@dataclass
+@dataclass(slots=True)  # hundreds are made every step
 class EngineCoreOutput:
     """What one step produced for one request, as the scheduler hands it to the output processor."""
 

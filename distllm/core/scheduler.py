@@ -213,29 +213,46 @@ class Scheduler:
         scheduled: dict[str, int] = {}  # req id -> tokens, in batch order
         bm = self.block_manager
 
-        # 1. Running requests, in order.
+        # 1. Running requests, in order. This loop and the plan loop below run for every
+        # running request every step: attributes are read once, and the common decode step
+        # (room left in the last block) never calls into the block manager.
+        running_status = RequestStatus.RUNNING
+        block_size = bm.block_size
+        cap = self.long_prefill_token_threshold
+        picked: list[tuple[Request, int]] = []  # (request, tokens), in batch order
+        preempted = False
         for req in list(self.running):
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req.status != running_status:  # preempted earlier in this loop
                 continue
-            if req.num_output_placeholders and not self._may_run_ahead(req):
+            ahead = req.num_output_placeholders
+            if ahead and not self._may_run_ahead(req):
                 continue
-            n = self._cap(min(req.num_tokens + req.num_output_placeholders - req.num_computed_tokens, budget))
+            n = len(req.prompt_token_ids) + len(req.output_token_ids) + ahead - req.num_computed_tokens
+            if n > budget:
+                n = budget
+            if 0 < cap < n:
+                n = cap
             if n <= 0:
                 continue
-            while bm.allocate_slots(req, n) is None:
-                victim = self._pick_victim()
-                self._preempt(victim)
-                plan.preempted_req_ids.append(victim.request_id)
-                # A victim scheduled earlier in this step gives its tokens back.
-                budget += scheduled.pop(victim.request_id, 0)
-                if victim is req:
-                    break
-            if req.status != RequestStatus.RUNNING:
-                continue
+            if req.num_computed_tokens + n > len(req.block_ids) * block_size:
+                while bm.allocate_slots(req, n) is None:
+                    victim = self._pick_victim()
+                    self._preempt(victim)
+                    preempted = True
+                    plan.preempted_req_ids.append(victim.request_id)
+                    # A victim scheduled earlier in this step gives its tokens back.
+                    budget += scheduled.pop(victim.request_id, 0)
+                    if victim is req:
+                        break
+                if req.status != running_status:
+                    continue
             scheduled[req.request_id] = n
+            picked.append((req, n))
             budget -= n
+        if preempted:  # drop the victims picked before they were preempted
+            picked = [(r, n) for r, n in picked if r.request_id in scheduled]
 
         # 2. Waiting requests, unless this step had to preempt.
         while (
@@ -263,12 +280,20 @@ class Scheduler:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
             scheduled[req.request_id] = n
+            picked.append((req, n))
             budget -= n
 
         # 3. The plan: full state for requests the workers do not hold, diffs for the rest.
-        for rid, n in scheduled.items():
-            req = self.requests[rid]
-            if rid not in self._worker_known:
+        known = self._worker_known
+        cr = plan.cached_requests
+        cr_ids, cr_nc, cr_tc, cr_tids, cr_bc, cr_bids = (
+            cr.req_ids, cr.num_computed_tokens, cr.new_token_counts, cr.new_token_ids, cr.new_block_counts,
+            cr.new_block_ids)
+        for req, n in picked:
+            rid = req.request_id
+            num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
+            num_blocks = len(req.block_ids)
+            if rid not in known:
                 plan.new_requests.append(
                     NewRequestData(
                         req_id=rid,
@@ -280,18 +305,28 @@ class Scheduler:
                         pooling=req.pooling_params.to_worker_dict() if req.pooling_params else None,
                     )
                 )
-                self._worker_known.add(rid)
-            else:
-                plan.cached_requests.add(
-                    rid,
-                    req.token_ids_from(req.num_tokens_sent) if req.num_tokens_sent < req.num_tokens else (),
-                    req.block_ids[req.num_blocks_sent :] if req.num_blocks_sent < len(req.block_ids) else (),
-                    req.num_computed_tokens,
-                )
-            req.num_tokens_sent = req.num_tokens
-            req.num_blocks_sent = len(req.block_ids)
-            req.num_computed_tokens += n
-            if not req.is_pooling and req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+                known.add(rid)
+            else:  # CachedRequests.add, inline
+                cr_ids.append(rid)
+                cr_nc.append(req.num_computed_tokens)
+                sent = req.num_tokens_sent
+                if sent < num_tokens:
+                    toks = req.token_ids_from(sent)
+                    cr_tc.append(len(toks))
+                    cr_tids.extend(toks)
+                else:
+                    cr_tc.append(0)
+                sent = req.num_blocks_sent
+                if sent < num_blocks:
+                    cr_bc.append(num_blocks - sent)
+                    cr_bids.extend(req.block_ids[sent:])
+                else:
+                    cr_bc.append(0)
+            req.num_tokens_sent = num_tokens
+            req.num_blocks_sent = num_blocks
+            computed = req.num_computed_tokens + n
+            req.num_computed_tokens = computed
+            if req.pooling_params is None and computed == num_tokens + req.num_output_placeholders:
                 req.num_output_placeholders += 1  # this step samples a token
         plan.num_scheduled_tokens = scheduled
         plan.finished_req_ids = self._finished_for_worker
@@ -324,28 +359,49 @@ class Scheduler:
         caching = bm.enable_prefix_caching
         running = RequestStatus.RUNNING
         step_id = plan.step_id
+        # The common case (one sampled token, nothing else) is inlined below: it runs for every
+        # request every step. Its checks mirror cache_full_blocks and _check_stop, which run
+        # only when they may have something to do.
+        num_cached_blocks = bm.num_cached_blocks
+        block_size = bm.block_size
+        max_model_len = self.max_model_len
+        requests = self.requests
         for rid in plan.num_scheduled_tokens:
-            req = self.requests.get(rid)
+            req = requests.get(rid)
             if req is None or req.status != running or req.last_preempted_step >= step_id:
                 continue  # aborted, finished or preempted since this plan was made
             res = by_id.get(rid)
             tok = sampled.get(rid)
-            if res is None and not req.is_pooling:
-                # The common case, kept lean: at most one sampled token and nothing else.
+            if res is None and req.pooling_params is None:
+                out_ids = req.output_token_ids
                 if caching:
-                    bm.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+                    num_tokens = len(req.prompt_token_ids) + len(out_ids)
+                    computed = req.num_computed_tokens
+                    if computed > num_tokens:
+                        computed = num_tokens
+                    if computed >= (num_cached_blocks.get(rid, 0) + 1) * block_size:
+                        bm.cache_full_blocks(req, computed)
                 if tok is None:
                     continue  # a prefill chunk that samples nothing yet
-                req.output_token_ids.append(tok)
+                out_ids.append(tok)
                 req.num_tokens_sent += 1  # the workers appended it themselves
                 if req.num_output_placeholders:
                     req.num_output_placeholders -= 1
-                if self._check_stop(req, tok):
+                sp = req.sampling_params
+                num_out = len(out_ids)
+                finish_reason = None
+                if (
+                    sp is None
+                    or tok in sp._all_stop_token_ids
+                    or (sp.max_tokens is not None and num_out >= sp.max_tokens)
+                    or num_out + len(req.prompt_token_ids) >= max_model_len
+                ) and self._check_stop(req, tok):
                     finished.append(req)
+                    finish_reason = RequestStatus.finish_reason(req.status)
+                cached = req.num_cached_tokens
                 outputs.append(
                     EngineCoreOutput(
-                        rid, [tok], None, None, None, RequestStatus.finish_reason(req.status), req.stop_reason,
-                        max(req.num_cached_tokens, 0),
+                        rid, [tok], None, None, None, finish_reason, req.stop_reason, cached if cached > 0 else 0
                     )
                 )
                 continue

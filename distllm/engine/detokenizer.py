@@ -143,9 +143,9 @@ class IncrementalDetokenizer:
         if not self.detokenize:
             self.output_token_ids.extend(new_token_ids)
             return None
-        new_token_ids = list(new_token_ids)
         skipped = None
         if stop_terminated and new_token_ids and not self.include_stop_str_in_output:
+            new_token_ids = list(new_token_ids)  # the caller's list stays as it is
             skipped = new_token_ids.pop()
         if self.lazy:
             self.output_token_ids.extend(new_token_ids)

@@ -258,7 +258,9 @@ class OutputProcessor:
                 continue
             group = st.group
             params = st.params
-            new_ids = [int(t) for t in eco.new_token_ids]
+            new_ids = eco.new_token_ids
+            if len(new_ids) != 1 or type(new_ids[0]) is not int:  # one plain int: the usual step
+                new_ids = [int(t) for t in new_ids]
             finish_reason = eco.finish_reason
             stop_reason = eco.stop_reason
             if eco.error is not None:
@@ -311,9 +313,16 @@ class OutputProcessor:
                 group.num_finished += 1
                 self.request_states.pop(st.request_id, None)
             if new_ids or st.finished:
-                changed.setdefault(group.request_id, (group, set()))[1].add(st.index)
+                c = changed.get(group.request_id)
+                if c is None:
+                    changed[group.request_id] = (group, {st.index})
+                else:
+                    c[1].add(st.index)
 
+        final_only = RequestOutputKind.FINAL_ONLY
         for group, idxs in changed.values():
+            if group.output_kind == final_only and not group.finished:
+                continue  # nothing to show before the end (what _make_output would decide)
             out = self._make_output(group, idxs, now)
             if out is not None:
                 result.request_outputs.append(out)

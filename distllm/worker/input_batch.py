@@ -116,36 +116,37 @@ class StepInputs:
 def build_step_inputs(
     plan: StepPlan, states: dict[str, CachedRequestState], tables: BlockTableHost, block_size: int, causal: bool
 ) -> StepInputs:
-    req_ids = list(plan.num_scheduled_tokens.keys())
-    counts = np.fromiter(plan.num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+    scheduled = plan.num_scheduled_tokens
+    req_ids = list(scheduled)
     B = len(req_ids)
-    total = int(counts.sum())
-    input_ids = np.empty(total, dtype=np.int64)
-    start = np.empty(B, dtype=np.int64)  # first position computed this step, per request
-    rows = np.empty(B, dtype=np.int64)
+    # Gathered in Python lists and turned into arrays once: the loop runs for every request of
+    # every step, and storing numpy scalars one at a time costs more than the list appends.
+    ids: list[int] = []
+    starts: list[int] = []  # first position computed this step, per request
+    table_rows: list[int] = []
     sample_rows: list[int] = []
     sample_req_ids: list[str] = []
     prompt_lp: list[tuple[str, list[int], list[int]]] = []
     pool_spans: list[tuple[str, int, int]] = []
     row = 0
-    for i, rid in enumerate(req_ids):
+    for rid, n in scheduled.items():
         st = states[rid]
-        n = int(counts[i])
         nc = st.num_computed_tokens
         end = nc + n
         toks = st.token_ids
-        if end > len(toks):
-            raise RuntimeError(f"plan schedules {end} tokens of {rid} but the worker knows {len(toks)}")
+        num_known = len(toks)
+        if end > num_known:
+            raise RuntimeError(f"plan schedules {end} tokens of {rid} but the worker knows {num_known}")
         if n == 1:
-            input_ids[row] = toks[nc]
+            ids.append(toks[nc])
         else:
-            input_ids[row : row + n] = toks[nc:end]
-        start[i] = nc
-        rows[i] = st.row
+            ids.extend(toks[nc:end])
+        starts.append(nc)
+        table_rows.append(st.row)
         if st.pooling is not None:
             if end == st.num_prompt_tokens:
                 pool_spans.append((rid, row, row + n))
-        elif end == len(toks):
+        elif end == num_known:
             sample_rows.append(row + n - 1)
             sample_req_ids.append(rid)
         if st.prompt_logprobs is not None:
@@ -154,6 +155,11 @@ def build_step_inputs(
             if last > nc:
                 prompt_lp.append((rid, list(range(row, row + last - nc)), toks[nc + 1 : last + 1]))
         row += n
+    total = row
+    counts = np.fromiter(scheduled.values(), dtype=np.int64, count=B)
+    input_ids = np.array(ids, dtype=np.int64)
+    start = np.array(starts, dtype=np.int64)
+    rows = np.array(table_rows, dtype=np.int64)
     seq_lens = (start + counts).astype(np.int32)
     qsl = np.zeros(B + 1, dtype=np.int32)
     np.cumsum(counts, out=qsl[1:])
