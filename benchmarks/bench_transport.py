@@ -30,8 +30,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 
@@ -47,6 +49,7 @@ from distllm.core.plan import (  # noqa: E402
     decode_result,
     encode_result,
 )
+from distllm.distributed.shm_ring import ShmRing, create_ring  # noqa: E402
 from distllm.distributed.transport import (  # noqa: E402
     DriverChannel,
     ShutdownRequested,
@@ -218,6 +221,49 @@ def framing_cost(nbytes: int, n: int = 3000) -> tuple[float, float]:
     return (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
 
 
+def _ring_peer(plan_path: str, result_path: str, n: int, reply_bytes: int) -> None:
+    rin, rout = ShmRing(plan_path), ShmRing(result_path, writable=True)
+    reply = b"r" * reply_bytes
+    try:
+        for seq in range(1, n + 1):
+            while type(rin.read(seq)) is int:
+                os.sched_yield()
+            rout.write(seq, b"h", reply, b"m" * 32)
+    finally:
+        rin.close()
+        rout.close()
+
+
+def ring_floor(plan_bytes: int, result_bytes: int, n: int = 3000, warmup: int = 500) -> float:
+    """Median round trip (us) of a frame through the shm ring and back, both sides spinning,
+    with no ZeroMQ, no MAC and no codec: the floor under the ``shm raw`` rows."""
+    folder = tempfile.mkdtemp(prefix="distllm-ringfloor-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    plan_path, result_path = os.path.join(folder, "plan"), os.path.join(folder, "result")
+    create_ring(plan_path)
+    create_ring(result_path)
+    peer = mp.get_context("spawn").Process(target=_ring_peer, args=(plan_path, result_path, n, result_bytes),
+                                           daemon=True)
+    peer.start()
+    rout, rin = ShmRing(plan_path, writable=True), ShmRing(result_path)
+    payload = b"p" * plan_bytes
+    times = []
+    try:
+        for seq in range(1, n + 1):
+            t0 = time.perf_counter()
+            rout.write(seq, b"h", payload, b"m" * 32)
+            while type(rin.read(seq)) is int:
+                os.sched_yield()
+            times.append(time.perf_counter() - t0)
+        peer.join(10)
+    finally:
+        if peer.is_alive():
+            peer.kill()
+        rout.close()
+        rin.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return statistics.median(times[warmup:]) * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2000)
@@ -233,12 +279,14 @@ def main() -> None:
     print(f"{'transport':9} {'batch':>5} {'what':>5} {'plan B':>7} {'res B':>6} {'median us':>10} {'p99 us':>9}"
           f" {'shm %':>6} {'drv enc us':>10} {'drv dec us':>10} {'wrk dec us':>10} {'wrk enc us':>10}")
     sizes = {104}
+    ring_sizes: set[tuple[int, int]] = set()
     for batch in (int(b) for b in args.batches.split(",")):
         for codec in (False, True):
             for mode in args.modes.split(","):
                 r = run_one(mode, batch, codec, args.steps, args.warmup, args.workers)
                 what = "full" if codec else "raw"
                 sizes.update((r["plan_bytes"], r["result_bytes"]))
+                ring_sizes.add((r["plan_bytes"], r["result_bytes"]))
                 cols = (r["enc"], r["dec"], r["wrk_dec"], r["wrk_enc"])
                 print(
                     f"{mode:9} {batch:5d} {what:>5} {r['plan_bytes']:7d} {r['result_bytes']:6d}"
@@ -246,6 +294,10 @@ def main() -> None:
                     + ("".join(f" {c:10.1f}" for c in cols) if codec else f" {'-':>10}" * 4),
                     flush=True,
                 )
+    if "shm" in args.modes.split(","):
+        print("# shm ring alone (no ZeroMQ, MAC or codec), both sides spinning, median round trip:")
+        for p_b, r_b in sorted(ring_sizes):
+            print(f"#   plan {p_b:6d} B, result {r_b:6d} B: {ring_floor(p_b, r_b):6.1f} us")
     print("# transport CPU cost per message (framing + HMAC-SHA256), no wakeups:")
     for nbytes in sorted(sizes):
         sg, vf = framing_cost(nbytes)
