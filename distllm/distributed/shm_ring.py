@@ -27,6 +27,7 @@ process that opened it exits, on Python 3.11).
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -136,4 +137,71 @@ class ShmRing:
 
     def close(self) -> None:
         if not self._mm.closed:
+            self._mm.close()
+
+
+# ---- acknowledgements ----------------------------------------------------------------------
+#
+# Readers tell writers what they have taken, so a writer can skip the ZeroMQ copy of a frame
+# every reader already has. One small file, mapped read-write by every channel of an engine:
+# slot i (64 bytes, so two readers never share a cache line) holds
+#
+#     acked seq u64 (the last seq its reader took from the writer it reads) | asleep u64
+#
+# ``asleep`` is 1 while the reader is blocked in ZeroMQ's poll (its ZeroMQ copy must be sent at
+# once to wake it). Slot ACK_DRIVER_SLOT is the driver's (reading rank 0's results); slot r
+# < ACK_DRIVER_SLOT is rank r's (reading plans). Each word is read and written as one aligned
+# 8-byte access (ctypes, not struct, whose standard-size packers go byte by byte), so a writer
+# never reads a torn ack: a value above what the reader took would make it skip a copy the
+# reader might need.
+
+ACK_SLOTS = 64
+ACK_DRIVER_SLOT = ACK_SLOTS - 1
+_ACK_STRIDE = 64
+
+
+def create_ack_board(path: str) -> None:
+    """Create a zeroed ack file (nothing acked, nobody asleep); fails if the path exists."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, ACK_SLOTS * _ACK_STRIDE)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+class AckBoard:
+    """One read-write mapping of an ack file."""
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size != ACK_SLOTS * _ACK_STRIDE:
+                raise ValueError(f"{path}: not an ack file")
+            self._mm = mmap.mmap(fd, ACK_SLOTS * _ACK_STRIDE, access=mmap.ACCESS_WRITE)
+        finally:
+            os.close(fd)
+        self.path = path
+        # [slot] -> the slot's words, as ctypes views into the mapping (page-aligned, so each
+        # word is 8-byte aligned).
+        self._acked = [ctypes.c_uint64.from_buffer(self._mm, i * _ACK_STRIDE) for i in range(ACK_SLOTS)]
+        self._asleep = [ctypes.c_uint64.from_buffer(self._mm, i * _ACK_STRIDE + 8) for i in range(ACK_SLOTS)]
+
+    def set_acked(self, slot: int, seq: int) -> None:
+        self._acked[slot].value = seq
+
+    def acked(self, slot: int) -> int:
+        return self._acked[slot].value
+
+    def set_asleep(self, slot: int, asleep: bool) -> None:
+        self._asleep[slot].value = 1 if asleep else 0
+
+    def asleep(self, slot: int) -> bool:
+        return self._asleep[slot].value != 0
+
+    def close(self) -> None:
+        if not self._mm.closed:
+            self._acked = self._asleep = []  # the views pin the mapping: drop them first
             self._mm.close()

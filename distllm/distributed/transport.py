@@ -52,7 +52,7 @@ once; only then does it block.
 Shared-memory fast path (``ipc`` only; ``DISTLLM_SHM_TRANSPORT=0`` turns it off). Spinning
 cannot remove ZeroMQ's own hand-offs: app thread -> I/O thread -> socket -> the peer's I/O
 thread -> app thread, each a thread wake-up, a large part of a step's transport time. So the
-hot frames also go through shared memory, where a spinning receiver sees them at once:
+frames also go through shared memory, where a spinning receiver sees them at once:
 
 * Two rings (``shm_ring.py``: mmap'd files in a per-engine 0700 dir, under /dev/shm when it
   can be; paths in ``TransportConfig``): plans, written by the driver and read by every rank,
@@ -60,8 +60,7 @@ hot frames also go through shared memory, where a spinning receiver sees them at
   frames from workers stay on ZeroMQ alone). Every channel maps its rings when it is made; the
   driver unlinks the files once the handshake is done (``cleanup()`` too, if it has not), so
   a killed engine leaves no shared memory behind.
-* ZeroMQ stays the reliable, ordered path: every frame is sent on ZeroMQ exactly as before,
-  and also written (when it fits a slot) into ring slot ``seq % nslots`` as the same signed
+* Every frame that fits a slot is written into ring slot ``seq % nslots`` as the same signed
   ``[header, payload, mac]``: the slot's seq is zeroed, the frame written, the seq written
   last. Nobody waits for anybody; a slow reader is lapped, not waited for.
 * A receiver takes the sender's next seq from the ring only: the slot must hold that seq
@@ -69,14 +68,27 @@ hot frames also go through shared memory, where a spinning receiver sees them at
   carry that seq and sender. Anything else (not written yet, lapped, torn, too big for a slot,
   tampered) is silently "not in shm": the frame comes on ZeroMQ. Taking only the next seq keeps
   frames in order with those that came on ZeroMQ alone.
-* The ZeroMQ copy of a frame taken from shm arrives later and is dropped silently: it is
-  recognised as byte-for-byte the frame taken (no second HMAC) and does not count in
-  ``num_dropped``. Every other frame is checked, and dropped and logged when bad, as before.
-* ``_recv`` looks at the ring (one struct read) before ZeroMQ, spins, then blocks in ZeroMQ's
-  poll as before: the ZeroMQ copy wakes it. A worker reads its ring only after its handshake
-  sync came on ZeroMQ (which is what proves its subscription), so the handshake is as before.
-  The driver's other control frames (later syncs, shutdown) use the ring like plans; error
-  frames, timeouts and worker-death detection are unchanged.
+* Acked copies. Each reader writes the seq of every frame it takes, and whether it is asleep
+  in poll, into its slot of a third shared file (``shm_ring.AckBoard``). A *hot* frame (plan,
+  result) waits as an unsent ZeroMQ copy: skipped once every reader has acked it, sent when a
+  reader is asleep (the copy wakes it), when ``COPY_DELAY_S`` passes first, or before its ring
+  slot is reused. Every other frame (control, errors, frames too big for a slot) goes on
+  ZeroMQ at once, after the copies still due, so ZeroMQ keeps each sender's order. A writer
+  settles its waiting copies whenever it sends or receives, and its poll() wakes for the next
+  one due. In the steady state of a step loop the readers take every frame from the ring
+  within microseconds and no copy is sent: a round trip pays the ring, not ZeroMQ's four
+  thread wake-ups. A rank that cannot map the ack file never acks, so the writer then sends
+  every copy at once (the handshake's ``ack``/``sync`` say who acks).
+* A ZeroMQ copy of a frame already taken from shm is dropped silently: it is recognised as
+  byte-for-byte the frame taken (no second HMAC) and does not count in ``num_dropped``. (So a
+  replay of such a frame is dropped without a log line, unless the frame's own copy came
+  first.) Every other frame is checked, and dropped and logged when bad, as before.
+* ``_recv`` looks at the ring (one struct read) before ZeroMQ, spins, then marks itself asleep,
+  looks at the ring once more and blocks in ZeroMQ's poll, at most ``_RING_POLL_MAX_S`` at a
+  time (a backstop for the rare writer that read the mark just before it was set). A worker
+  reads its ring only after its handshake sync came on ZeroMQ (which is what proves its
+  subscription), so the handshake is as before. Error frames, timeouts and worker-death
+  detection are unchanged.
 
 HWMs: PUB silently *drops* messages for a subscriber whose queue is full, and a lost plan would
 hang the engine, so the plan path (PUB/SUB) has no HWM; it is bounded by the step loop (one or
@@ -103,7 +115,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from distllm.distributed.shm_ring import EMPTY, ShmRing, create_ring
+from distllm.distributed.shm_ring import ACK_DRIVER_SLOT, EMPTY, AckBoard, ShmRing, create_ack_board, create_ring
 
 logger = logging.getLogger("distllm.transport")
 
@@ -138,15 +150,19 @@ _MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux (104 on macOS)
 # DISTLLM_RECV_SPIN_US overrides it (0: no spinning).
 RECV_SPIN_S = float(os.environ.get("DISTLLM_RECV_SPIN_US", "200")) * 1e-6
 _yield = getattr(os, "sched_yield", lambda: time.sleep(0))
-# Frames taken from shm whose ZeroMQ copy has not been drained yet, at most (a safety net: in
-# steady state there are one or two).
+# Recent frames taken from shm, kept to recognise a ZeroMQ copy of one that was sent anyway
+# (copies come in order, at most this many frames late, even on a loaded host).
 _TAKEN_MAX = 1024
-# How many ZeroMQ copies of frames taken from shm may wait before a receive drains ZeroMQ
-# before looking at the ring again (see _Endpoint._recv).
-_DRAIN_AT = 4
-# How many may wait before the ring is not read at all until ZeroMQ catches up: on a loaded
-# host ZeroMQ's I/O thread can fall far behind a spinning reader, and the copies would pile up.
-_TAKEN_CAP = 64
+# A receiver that keeps finding its frames in the ring looks at ZeroMQ at least every this many
+# frames, to drain copies sent anyway (for a reader that was slow to ack), so none pile up.
+_DRAIN_EVERY = 16
+# How long a hot frame's ZeroMQ copy waits for its readers' acks before it is sent anyway: a
+# spinning reader takes a frame from the ring within microseconds; one that is busy elsewhere
+# gets the copy, which wakes it wherever it waits. DISTLLM_SHM_COPY_DELAY_US overrides it.
+COPY_DELAY_S = float(os.environ.get("DISTLLM_SHM_COPY_DELAY_US", "200")) * 1e-6
+# Longest sleep in poll() for a reader of a ring, which looks at the ring again after it: the
+# backstop for a writer that saw it awake and skipped the copy just as it fell asleep.
+_RING_POLL_MAX_S = 0.002
 
 
 def shm_enabled() -> bool:
@@ -227,6 +243,8 @@ class TransportConfig:
     shm_dir: str | None = None
     plan_ring: str | None = None
     result_ring: str | None = None
+    # Where readers acknowledge the frames they took (see shm_ring.AckBoard), beside the rings.
+    ack_board: str | None = None
 
     @classmethod
     def create(cls, mode: str = "ipc", host: str = "127.0.0.1", shm: bool | None = None) -> "TransportConfig":
@@ -262,14 +280,16 @@ class TransportConfig:
             else:
                 d = self.ipc_dir
             plan_ring, result_ring = os.path.join(d, "plans.ring"), os.path.join(d, "results.ring")
+            ack_board = os.path.join(d, "acks")
             create_ring(plan_ring)
             create_ring(result_ring)
+            create_ack_board(ack_board)
         except OSError as e:
             logger.warning("transport: no shared-memory rings (%s); using ZeroMQ only", e)
             if d is not None and d != self.ipc_dir:
                 shutil.rmtree(d, ignore_errors=True)
             return
-        self.shm_dir, self.plan_ring, self.result_ring = d, plan_ring, result_ring
+        self.shm_dir, self.plan_ring, self.result_ring, self.ack_board = d, plan_ring, result_ring, ack_board
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -280,6 +300,7 @@ class TransportConfig:
             "shm_dir": self.shm_dir,
             "plan_ring": self.plan_ring,
             "result_ring": self.result_ring,
+            "ack_board": self.ack_board,
         }
 
     @classmethod
@@ -288,14 +309,14 @@ class TransportConfig:
         if len(key) < 16:
             raise ValueError("hmac key too short")
         return cls(d["plan_addr"], d["result_addr"], key, d.get("ipc_dir"), d.get("shm_dir"), d.get("plan_ring"),
-                   d.get("result_ring"))
+                   d.get("result_ring"), d.get("ack_board"))
 
     def unlink_rings(self) -> None:
         """Remove the ring files and their dir while they stay mapped. The driver does this once
         every rank has acked its handshake (a WorkerChannel maps its rings before it says ready),
         so a driver killed before cleanup() leaves nothing behind in /dev/shm (which is memory).
         A channel opened later finds no ring and uses ZeroMQ alone."""
-        for path in (self.plan_ring, self.result_ring):
+        for path in (self.plan_ring, self.result_ring, self.ack_board):
             if path:
                 try:
                     os.unlink(path)
@@ -368,8 +389,21 @@ class _Endpoint:
         self._ring_out: ShmRing | None = None  # where this side's frames get a second copy
         self._ring_in: ShmRing | None = None  # where frames from _ring_sender may come first
         self._ring_sender = DRIVER_SENDER
-        # Frames taken from _ring_in whose ZeroMQ copy has not been drained yet, oldest first.
-        self._taken: deque[list[bytes]] = deque(maxlen=_TAKEN_MAX)
+        # Recent frames taken from _ring_in, oldest first (their ZeroMQ copies are dropped).
+        # Keyed by the signed header, which names the frame's seq: one lookup finds the frame.
+        self._taken: dict[bytes, list[bytes]] = {}
+        self._ring_streak = 0  # frames taken from the ring since ZeroMQ was last found empty
+        # Acks (shm_ring.AckBoard): this side's slot for frames from _ring_sender, and the
+        # slots of the readers of _ring_out that must all ack a hot frame before its ZeroMQ
+        # copy is skipped (None: every copy is sent at once). Set by the subclasses.
+        self._acks: AckBoard | None = None
+        self._ack_slot: int | None = None
+        self._copy_readers: list[int] | None = None
+        # Hot frames written to the ring whose ZeroMQ copy waits for acks, oldest first:
+        # (seq, socket, frames, when the copy is sent anyway).
+        self._unsent: deque[tuple[int, zmq.Socket, list[bytes], float]] = deque()
+        self.copies_sent = 0  # ZeroMQ copies of hot frames sent (a reader was slow or asleep)
+        self.copies_skipped = 0  # ... and skipped, every reader having taken the frame from shm
         # A seq the ring will not give (lapped, torn, failed MAC): wait for its ZeroMQ copy.
         self._ring_skip = 0
         self.shm_taken = 0  # frames taken from shm
@@ -389,18 +423,67 @@ class _Endpoint:
             logger.warning("%s: shared-memory ring unavailable (%s); using ZeroMQ only", self._name, e)
             return None
 
+    def _open_acks(self, path: str | None) -> AckBoard | None:
+        if path is None or not shm_enabled():
+            return None
+        try:
+            return AckBoard(path)
+        except (OSError, ValueError) as e:
+            logger.warning("%s: shared-memory acks unavailable (%s); every frame goes on ZeroMQ", self._name, e)
+            return None
+
     def _frames(self, kind: str, step_id: int, payload: bytes, sender: int) -> list[bytes]:
         self._seq += 1
         header = msgpack.packb([kind, self._seq, sender, step_id])
         return [header, payload, self._mac(header, payload)]
 
-    def _send(self, sock: zmq.Socket, kind: str, step_id: int, payload: bytes, sender: int, shm: bool) -> None:
+    def _send(self, sock: zmq.Socket, kind: str, step_id: int, payload: bytes, sender: int, shm: bool,
+              hot: bool = False) -> None:
         """Sign and send one frame on ZeroMQ; with ``shm``, put a copy in the ring first (when it
-        fits a slot) so a spinning reader can take it without waiting for ZeroMQ's I/O threads."""
+        fits a slot) so a spinning reader can take it without waiting for ZeroMQ's I/O threads.
+
+        A ``hot`` frame (plan, result) in the ring sends its ZeroMQ copy only if its readers
+        have not all acked it within COPY_DELAY_S, or one of them is asleep in poll (see
+        _flush_copies). Every other frame goes on ZeroMQ at once, after the copies still due,
+        so ZeroMQ keeps the senders' order."""
         frames = self._frames(kind, step_id, payload, sender)
-        if shm and self._ring_out is not None:
-            self._ring_out.write(self._seq, *frames)
+        seq = self._seq
+        ring = self._ring_out
+        if shm and ring is not None:
+            if self._unsent:  # a copy whose slot this write takes must go on ZeroMQ now
+                self._flush_copies(upto=seq - ring.nslots)
+            if ring.write(seq, *frames) and hot and self._copy_readers:
+                self._unsent.append((seq, sock, frames, time.monotonic() + COPY_DELAY_S))
+                self._flush_copies()  # at once if a reader is asleep
+                return
+        if self._unsent:
+            self._flush_copies(force=True)
         sock.send_multipart(frames, copy=len(payload) < 65536)
+
+    def _flush_copies(self, force: bool = False, upto: int = 0) -> None:
+        """Settle the waiting copies, oldest first: skip those every reader acked; send those
+        due (``force``, seq <= ``upto``, past their time, or a reader asleep)."""
+        unsent, acks, readers = self._unsent, self._acks, self._copy_readers
+        now = None
+        while unsent:
+            seq, sock, frames, due = unsent[0]
+            if min(acks.acked(r) for r in readers) >= seq:
+                unsent.popleft()
+                self.copies_skipped += 1
+                continue
+            if not force and seq > upto:
+                if now is None:
+                    now = time.monotonic()
+                if now < due and not any(acks.asleep(r) for r in readers):
+                    return
+            unsent.popleft()
+            sock.send_multipart(frames, copy=len(frames[1]) < 65536)
+            self.copies_sent += 1
+
+    def _took(self, seq: int) -> None:
+        """Ack a frame from _ring_sender (taken from the ring or from ZeroMQ)."""
+        if self._ack_slot is not None:
+            self._acks.set_acked(self._ack_slot, seq)
 
     def _drop(self, reason: str) -> None:
         self.num_dropped += 1
@@ -454,16 +537,14 @@ class _Endpoint:
         taken = self._taken
         if taken and len(frames) == 3:
             # The ZeroMQ copy of a frame already taken from shm: byte for byte the frame that
-            # was verified there, so it is dropped silently, without another HMAC. Copies come
-            # in order, so older entries (whose copies never came) go too.
-            for i, t in enumerate(taken):
-                if t[2] == frames[2] and t[0] == frames[0] and t[1] == frames[1]:
-                    for _ in range(i + 1):
-                        taken.popleft()
-                    return None
+            # was verified there, so it is dropped silently, without another HMAC.
+            t = taken.pop(frames[0], None)
+            if t is not None and t[2] == frames[2] and t[1] == frames[1]:
+                return None
         v = self._verify(frames)  # anything else: checked (and logged when bad) as always
-        if v is not None and taken and v[1] == self._ring_sender:
+        if v is not None and v[1] == self._ring_sender:
             taken.clear()  # a newer frame came on ZeroMQ: the older copies are not coming
+            self._took(self._last_seq[v[1]])
         return v
 
     def _from_ring(self, ring: ShmRing) -> tuple[str, int, int, bytes] | None:
@@ -488,58 +569,78 @@ class _Endpoint:
             self.shm_missed += 1
             return None
         self._last_seq[sender] = seq
+        self._took(seq)
         taken = self._taken
-        if len(taken) == taken.maxlen:
-            logger.debug("%s: %d shm frames without their ZeroMQ copy", self._name, len(taken))
-        taken.append(got)
+        if len(taken) >= _TAKEN_MAX:
+            del taken[next(iter(taken))]  # the oldest: its copy, if sent, is long drained
+        taken[got[0]] = got
         self.shm_taken += 1
         return c[0], sender, c[3], c[4]
 
     def _recv(self, sock: zmq.Socket, deadline: float) -> tuple[str, int, int, bytes] | None:
         """The next valid (kind, sender, step_id, payload) before the deadline, or None.
 
-        Each pass looks at the ring, then ZeroMQ; it spins (see RECV_SPIN_S) and then blocks in
-        poll(), where the ZeroMQ copy of a frame wakes it. The ring goes first because it is
-        cheap to look at (ZeroMQ's EVENTS check costs several times more) and the next frame
-        is usually there before ZeroMQ delivers it; order is kept because the ring only ever
-        gives the sender's next seq. A receiver that always finds its next frame in the ring
-        would never read ZeroMQ, so once _DRAIN_AT ZeroMQ copies of frames taken from shm are
-        waiting, ZeroMQ goes first until they are drained, and once _TAKEN_CAP are waiting the
-        ring is left alone: frames come from ZeroMQ (the same frames, in the same order).
+        Each pass settles this side's waiting copies, looks at the ring, then ZeroMQ; it spins
+        (see RECV_SPIN_S) and then blocks in poll(), where a ZeroMQ frame wakes it. The ring
+        goes first because it is cheap to look at (ZeroMQ's EVENTS check costs several times
+        more) and the next frame is usually there first; order is kept because the ring only
+        ever gives the sender's next seq. A receiver that keeps finding its frames in the ring
+        looks at ZeroMQ first every _DRAIN_EVERY frames, to drain the copies sent anyway.
+        Before blocking, a ring reader marks itself asleep (a writer then sends its copy at
+        once), looks at the ring once more, and sleeps at most _RING_POLL_MAX_S at a time.
         """
         ring = self._ring_in
         spin_until = -1.0
-        while True:
-            shm = ring is not None and self._ring_ready()
-            if shm and len(self._taken) < _DRAIN_AT:
-                v = self._from_ring(ring)
-                if v is not None:
-                    return v
-                shm = False  # looked already
-            if sock.get(zmq.EVENTS) & zmq.POLLIN:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    frames = None
-                if frames is not None:
-                    v = self._from_zmq(frames)
+        asleep = False  # marked asleep in the ack board (from the first poll() to the return)
+        try:
+            while True:
+                if self._unsent:
+                    self._flush_copies()
+                shm = ring is not None and self._ring_ready()
+                if shm and self._ring_streak < _DRAIN_EVERY:
+                    v = self._from_ring(ring)
                     if v is not None:
+                        self._ring_streak += 1
                         return v
+                    shm = False  # looked already
+                if sock.get(zmq.EVENTS) & zmq.POLLIN:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        frames = None
+                    if frames is not None:
+                        v = self._from_zmq(frames)
+                        if v is not None:
+                            return v
+                        continue
+                else:
+                    self._ring_streak = 0  # nothing on ZeroMQ to drain
+                if shm:
+                    v = self._from_ring(ring)
+                    if v is not None:
+                        self._ring_streak += 1
+                        return v
+                now = time.monotonic()
+                if spin_until < 0:
+                    spin_until = min(deadline, now + RECV_SPIN_S)
+                if now < spin_until:
+                    _yield()
                     continue
-            if shm and len(self._taken) < _TAKEN_CAP:
-                v = self._from_ring(ring)
-                if v is not None:
-                    return v
-            now = time.monotonic()
-            if spin_until < 0:
-                spin_until = min(deadline, now + RECV_SPIN_S)
-            if now < spin_until:
-                _yield()
-                continue
-            remaining = deadline - now
-            if remaining <= 0:
-                return None
-            sock.poll(max(1, int(remaining * 1000 + 0.999)))
+                wait = deadline - now
+                if wait <= 0:
+                    return None
+                if self._unsent:
+                    wait = min(wait, self._unsent[0][3] - now)
+                if ring is not None and self._ring_ready():
+                    wait = min(wait, _RING_POLL_MAX_S)
+                    if not asleep and self._ack_slot is not None:
+                        self._acks.set_asleep(self._ack_slot, True)
+                        asleep = True
+                        continue  # look at the ring once more: a writer may have missed the mark
+                sock.poll(max(1, int(wait * 1000 + 0.999)))
+        finally:
+            if asleep:
+                self._acks.set_asleep(self._ack_slot, False)
 
     def close(self) -> None:
         if self._closed:
@@ -548,7 +649,8 @@ class _Endpoint:
         for s in self._sockets():
             s.close(linger=0)
         self._ctx.term()
-        for ring in (self._ring_in, self._ring_out):
+        self._unsent.clear()
+        for ring in (self._ring_in, self._ring_out, self._acks):
             if ring is not None:
                 ring.close()
 
@@ -566,12 +668,16 @@ def _ctl(cmd: str, **kw: Any) -> bytes:
     return msgpack.packb({"cmd": cmd, **kw})
 
 
-def _ctl_cmd(payload: bytes) -> str | None:
+def _ctl_dict(payload: bytes) -> dict:
     try:
         d = msgpack.unpackb(payload, raw=False)
-        return d.get("cmd") if isinstance(d, dict) else None
+        return d if isinstance(d, dict) else {}
     except Exception:  # noqa: BLE001
-        return None
+        return {}
+
+
+def _ctl_cmd(payload: bytes) -> str | None:
+    return _ctl_dict(payload).get("cmd")
 
 
 # ---- driver side -------------------------------------------------------------------------
@@ -597,11 +703,16 @@ class DriverChannel(_Endpoint):
             self._ring_out = self._open_ring(config.plan_ring, writable=True)
             self._ring_in = self._open_ring(config.result_ring, writable=False)
             self._ring_sender = 0
+            if self._ring_out is not None or self._ring_in is not None:
+                self._acks = self._open_acks(config.ack_board)
+            if self._acks is not None and self._ring_in is not None:
+                self._ack_slot = ACK_DRIVER_SLOT
         except Exception:
             self.close()
             raise
         self.ready_ranks: set[int] = set()
         self.acked_ranks: set[int] = set()
+        self._ring_ranks: set[int] = set()  # ranks that read the plan ring and ack in shm
 
     def _sockets(self) -> list[zmq.Socket]:
         return [s for s in (getattr(self, "_pub", None), getattr(self, "_pull", None)) if s is not None]
@@ -644,7 +755,8 @@ class DriverChannel(_Endpoint):
                     f"subscribed ranks {sorted(self.acked_ranks)}, expected {n}"
                 )
             if now >= next_sync:
-                self._send(self._pub, KIND_CTL, 0, _ctl(CTL_SYNC), DRIVER_SENDER, shm=True)
+                self._send(self._pub, KIND_CTL, 0, _ctl(CTL_SYNC, ring=self._ack_slot is not None), DRIVER_SENDER,
+                           shm=True)
                 next_sync = now + interval
                 interval = min(interval * 2, _SYNC_INTERVAL_MAX_S)
             v = self._recv(self._pull, min(deadline, next_sync))
@@ -658,14 +770,20 @@ class DriverChannel(_Endpoint):
             else:
                 self._drop(f"result for step {step_id} from rank {sender} before the handshake finished")
         self.config.unlink_rings()
+        # Plan copies may wait for acks only when every rank reads the ring and acks there.
+        if self._acks is not None and self._ring_out is not None and want <= self._ring_ranks and n < ACK_DRIVER_SLOT:
+            self._copy_readers = sorted(want)
 
     def _handle_ctl(self, sender: int, payload: bytes) -> None:
-        cmd = _ctl_cmd(payload)
+        d = _ctl_dict(payload)
+        cmd = d.get("cmd")
         if cmd == CTL_READY:
             self.ready_ranks.add(sender)
         elif cmd == CTL_ACK:
             self.ready_ranks.add(sender)
             self.acked_ranks.add(sender)
+            if d.get("ring") is True:
+                self._ring_ranks.add(sender)
         else:
             logger.warning("driver: unknown control command %r from rank %s", cmd, sender)
 
@@ -680,7 +798,7 @@ class DriverChannel(_Endpoint):
     # -- steady state
 
     def send_plan(self, step_id: int, payload: bytes) -> None:
-        self._send(self._pub, KIND_PLAN, step_id, payload, DRIVER_SENDER, shm=True)
+        self._send(self._pub, KIND_PLAN, step_id, payload, DRIVER_SENDER, shm=True, hot=True)
 
     def send_shutdown(self) -> None:
         self._send(self._pub, KIND_CTL, 0, _ctl(CTL_SHUTDOWN), DRIVER_SENDER, shm=True)
@@ -728,6 +846,10 @@ class WorkerChannel(_Endpoint):
             self._ring_sender = DRIVER_SENDER
             if rank == 0:
                 self._ring_out = self._open_ring(config.result_ring, writable=True)
+            if self._ring_in is not None or self._ring_out is not None:
+                self._acks = self._open_acks(config.ack_board)
+            if self._acks is not None and self._ring_in is not None and rank < ACK_DRIVER_SLOT:
+                self._ack_slot = rank
         except Exception:
             self.close()
             raise
@@ -756,11 +878,16 @@ class WorkerChannel(_Endpoint):
             kind, _sender, step_id, payload = v
             if kind == KIND_PLAN:
                 return step_id, payload
-            cmd = _ctl_cmd(payload)
+            d = _ctl_dict(payload)
+            cmd = d.get("cmd")
             if cmd == CTL_SYNC:
                 if not self._synced:
                     self._synced = True
-                    self._send(self._push, KIND_CTL, 0, _ctl(CTL_ACK, rank=self.rank), self.rank, shm=False)
+                    # Result copies may wait for the driver's acks when it reads the ring.
+                    if d.get("ring") is True and self._ring_out is not None and self._acks is not None:
+                        self._copy_readers = [ACK_DRIVER_SLOT]
+                    self._send(self._push, KIND_CTL, 0, _ctl(CTL_ACK, rank=self.rank, ring=self._ack_slot is not None),
+                               self.rank, shm=False)
                     if stop_on_sync:
                         return None
             elif cmd == CTL_SHUTDOWN:
@@ -785,7 +912,7 @@ class WorkerChannel(_Endpoint):
         return self._next(time.monotonic() + timeout_s)
 
     def send_result(self, step_id: int, payload: bytes) -> None:
-        self._send(self._push, KIND_RESULT, step_id, payload, self.rank, shm=True)
+        self._send(self._push, KIND_RESULT, step_id, payload, self.rank, shm=True, hot=True)
 
     def send_error(self, message: str, step_id: int | None = None) -> None:
         payload = msgpack.packb({"rank": self.rank, "message": message})

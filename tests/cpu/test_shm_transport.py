@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import time
 
 import msgpack
@@ -77,6 +78,31 @@ def test_ring_torn_slot_and_bad_files(tmp_path):
         create_ring(str(tmp_path / "tiny"), nslots=0)
 
 
+def test_ack_board(tmp_path):
+    path = str(tmp_path / "acks")
+    shm_ring.create_ack_board(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    a, b = shm_ring.AckBoard(path), shm_ring.AckBoard(path)  # a reader and a writer, say
+    try:
+        assert all(b.acked(i) == 0 and not b.asleep(i) for i in range(shm_ring.ACK_SLOTS))
+        a.set_acked(3, 2**63 + 5)
+        a.set_asleep(shm_ring.ACK_DRIVER_SLOT, True)
+        assert b.acked(3) == 2**63 + 5 and b.acked(2) == b.acked(4) == 0
+        assert b.asleep(shm_ring.ACK_DRIVER_SLOT) and not b.asleep(3)
+        a.set_asleep(shm_ring.ACK_DRIVER_SLOT, False)
+        assert not b.asleep(shm_ring.ACK_DRIVER_SLOT)
+        with pytest.raises(FileExistsError):
+            shm_ring.create_ack_board(path)
+    finally:
+        a.close()
+        b.close()
+    a.close()  # twice is fine
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError):
+        shm_ring.AckBoard(str(bad))
+
+
 # ---- the channels over it -----------------------------------------------------------------
 
 
@@ -95,64 +121,128 @@ def _round_trips(s: Setup, steps, payload=lambda step: b"plan %d" % step) -> Non
 
 
 def _drained(s: Setup) -> None:
-    """Nothing more comes on either side; the ZeroMQ copies were dropped silently."""
-    # A loaded host may deliver the last copies late: receive (getting nothing) until they came.
-    for end, recv in [(w, w.recv_plan) for w in s.workers] + [(s.driver, s.driver.recv_result)]:
-        deadline = time.monotonic() + 10
-        assert recv(timeout_s=0.05) is None
-        while end._taken and time.monotonic() < deadline:
-            assert recv(timeout_s=0.05) is None
-        assert end.num_dropped == 0 and not end._taken
+    """Nothing more comes on either side; any ZeroMQ copies were dropped silently."""
+    for w in s.workers:
+        assert w.recv_plan(timeout_s=0.05) is None
+        assert w.num_dropped == 0
+    assert s.driver.recv_result(timeout_s=0.05) is None
+    assert s.driver.num_dropped == 0
+    for w in s.workers:  # copies that were sent late came, and went, without a trace
+        assert w.recv_plan(timeout_s=0.05) is None
+        assert w.num_dropped == 0
 
 
-def test_frames_come_through_shm_in_order(caplog):
+@pytest.fixture
+def copies_wait(monkeypatch):
+    """Copies wait for acks far longer than any test: only a sleeping reader gets one."""
+    monkeypatch.setattr(transport, "COPY_DELAY_S", 10.0)
+
+
+@pytest.fixture
+def copies_at_once(monkeypatch):
+    """Every hot frame's ZeroMQ copy is sent when the frame is (as with no acks at all)."""
+    monkeypatch.setattr(transport, "COPY_DELAY_S", 0.0)
+
+
+def test_frames_come_through_shm_in_order(caplog, copies_wait):
     s = Setup("ipc")
     try:
         cfg = s.cfg
-        assert cfg.plan_ring and cfg.result_ring
+        assert cfg.plan_ring and cfg.result_ring and cfg.ack_board
         # Every rank mapped its rings before it acked the handshake: the files are gone now,
         # so an engine killed from here on leaves no shared memory behind.
-        assert not os.path.exists(cfg.plan_ring) and not os.path.exists(cfg.result_ring)
-        assert not os.path.exists(cfg.shm_dir)
+        for path in (cfg.plan_ring, cfg.result_ring, cfg.ack_board, cfg.shm_dir):
+            assert not os.path.exists(path)
+        assert s.driver._copy_readers == [0, 1] and s.workers[0]._copy_readers == [shm_ring.ACK_DRIVER_SLOT]
         with caplog.at_level(logging.WARNING, logger=LOGGER):
-            most = 0
             for step in range(1, 301):
                 _round_trips(s, [step])
-                most = max(most, len(s.driver._taken), *(len(w._taken) for w in s.workers))
             _drained(s)
         assert not [r for r in caplog.records if r.name == LOGGER]
         # The frame is in the ring before recv is called, and the ring is read first.
-        assert all(w.shm_taken > 0 for w in s.workers) and s.driver.shm_taken > 0
-        # Receivers that always find their next frame in the ring still drain the ZeroMQ
-        # copies (see _DRAIN_AT) rather than letting them pile up, however far ZeroMQ's I/O
-        # thread falls behind on a loaded host (_TAKEN_CAP).
-        assert most <= transport._TAKEN_CAP
+        assert all(w.shm_taken >= 300 for w in s.workers) and s.driver.shm_taken == 300  # (+ late syncs)
+        # Every reader acked every hot frame before anyone slept: no ZeroMQ copy was sent.
+        for end in (s.driver, s.workers[0]):
+            assert end.copies_sent == 0 and end.copies_skipped == 300
     finally:
         s.close()
     assert not os.path.exists(s.cfg.shm_dir) and not os.path.exists(s.cfg.ipc_dir)
 
 
-def test_ring_left_alone_while_zmq_copies_pile_up():
-    """A reader with _TAKEN_CAP ZeroMQ copies outstanding takes its next frame from ZeroMQ."""
-    s = Setup("ipc", n=1)
+def test_copies_sent_at_once_are_drained_silently(caplog, copies_at_once):
+    s = Setup("ipc")
     try:
-        _round_trips(s, [1])
-        w = s.workers[0]
-        assert w.recv_plan(timeout_s=0.05) is None  # the copy of plan 1 drained
-        before = w.shm_taken
-        # Stand-ins for copies that have not come yet (they never match a real frame).
-        w._taken.extend([[b"a", b"b", b"%d" % i] for i in range(transport._TAKEN_CAP)])
-        s.driver.send_plan(2, b"plan 2")
-        assert w.recv_plan(timeout_s=5) == (2, b"plan 2")
-        assert w.shm_taken == before  # from ZeroMQ, though the ring held it
-        assert not w._taken  # a newer frame came on ZeroMQ: the stand-ins went
-        _round_trips(s, [3])  # and the ring is read again
-        assert w.shm_taken == before + 1
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            for step in range(1, 101):
+                _round_trips(s, [step])
+            _drained(s)
+        assert not [r for r in caplog.records if r.name == LOGGER]
+        assert all(w.shm_taken > 0 for w in s.workers)
+        assert s.driver.copies_sent + s.driver.copies_skipped == 100
     finally:
         s.close()
 
 
-def test_lapped_reader_falls_back_to_zmq():
+def test_sleeping_reader_gets_the_copy_at_once(copies_wait):
+    s = Setup("ipc", n=1)
+    try:
+        _round_trips(s, [1])
+        w = s.workers[0]
+        got = []
+        t = threading.Thread(target=lambda: got.append(w.recv_plan(timeout_s=10)))
+        t.start()
+        time.sleep(0.2)  # past its spin: asleep in poll, and marked so
+        s.driver.send_plan(2, b"plan 2")
+        t.join(5)
+        assert got == [(2, b"plan 2")]
+        assert s.driver.copies_sent == 1  # sent at once, not 10 s later
+    finally:
+        s.close()
+
+
+def test_copy_waits_at_most_the_delay(monkeypatch):
+    monkeypatch.setattr(transport, "COPY_DELAY_S", 0.05)
+    s = Setup("ipc", n=1)
+    try:
+        _round_trips(s, [1])
+        s.driver.send_plan(2, b"plan 2")  # the worker is busy elsewhere: it acks nothing
+        assert s.driver.copies_sent == 0
+        assert s.driver.recv_result(timeout_s=0.2) is None  # the wait sends the copy when due
+        assert s.driver.copies_sent == 1
+        w = s.workers[0]
+        assert w.recv_plan(timeout_s=5) == (2, b"plan 2")
+        w.send_result(2, b"result 2")
+        assert s.driver.recv_result(timeout_s=5) == (2, b"result 2")
+        _drained(s)
+    finally:
+        s.close()
+
+
+def test_reader_without_acks_gets_every_copy(monkeypatch, copies_wait):
+    """A rank that cannot map the ack file never acks: the driver then sends every plan's copy
+    at once rather than letting it wait."""
+    real = transport._Endpoint._open_acks
+
+    def no_acks_for_workers(self, path):
+        return None if isinstance(self, WorkerChannel) else real(self, path)
+
+    monkeypatch.setattr(transport._Endpoint, "_open_acks", no_acks_for_workers)
+    s = Setup("ipc", n=2)
+    try:
+        assert s.driver._copy_readers is None and s.workers[0]._copy_readers is None
+        for step in range(1, 11):
+            s.driver.send_plan(step, b"plan %d" % step)
+            for w in s.workers:
+                assert w.recv_plan(timeout_s=5) == (step, b"plan %d" % step)
+            s.workers[0].send_result(step, b"result %d" % step)
+            assert s.driver.recv_result(timeout_s=5) == (step, b"result %d" % step)
+        _drained(s)
+        assert s.driver.copies_sent == s.driver.copies_skipped == 0  # nothing waited
+    finally:
+        s.close()
+
+
+def test_lapped_reader_falls_back_to_zmq(copies_wait):
     s = Setup("ipc", n=2)
     try:
         nslots = shm_ring.NUM_SLOTS
@@ -161,7 +251,9 @@ def test_lapped_reader_falls_back_to_zmq():
         for w in s.workers:
             got = [w.recv_plan(timeout_s=5) for _ in range(2 * nslots + 8)]
             assert got == [(step, b"plan %d" % step) for step in range(1, 2 * nslots + 9)]
-            assert w.shm_missed >= 1  # the first ones were overwritten: taken from ZeroMQ
+            # The first ones were overwritten: taken from ZeroMQ, where the driver sent each
+            # frame's copy as its slot was taken (waiting for acks no more).
+            assert w.shm_missed >= 1 and w.shm_taken >= nslots
         _round_trips(s, range(100, 110))  # and the fast path picks up again
         _drained(s)
     finally:
@@ -172,7 +264,7 @@ def _slot_offset(ring: ShmRing, seq: int) -> int:
     return 64 + (seq % ring.nslots) * ring.slot_size
 
 
-def test_torn_or_tampered_shm_slot_is_not_accepted(caplog):
+def test_torn_or_tampered_shm_slot_is_not_accepted(caplog, copies_at_once):
     s = Setup("ipc", n=1)
     w = s.workers[0]
     evil = s.driver._ring_out  # the same mapping as anything that can write the file
@@ -297,7 +389,9 @@ def test_config_travels_and_cleans_up():
         assert cfg.shm_dir.startswith("/dev/shm/")
     wire = msgpack.unpackb(msgpack.packb(cfg.to_dict()), raw=False)
     back = TransportConfig.from_dict(wire)
-    assert (back.shm_dir, back.plan_ring, back.result_ring) == (cfg.shm_dir, cfg.plan_ring, cfg.result_ring)
+    assert (back.shm_dir, back.plan_ring, back.result_ring, back.ack_board) == (
+        cfg.shm_dir, cfg.plan_ring, cfg.result_ring, cfg.ack_board)
+    assert os.path.dirname(cfg.ack_board) == cfg.shm_dir and stat.S_IMODE(os.stat(cfg.ack_board).st_mode) == 0o600
     # A config from before the fast path (no shm keys) still loads: ZeroMQ only.
     old = {k: v for k, v in wire.items() if k not in ("shm_dir", "plan_ring", "result_ring")}
     assert TransportConfig.from_dict(old).plan_ring is None
