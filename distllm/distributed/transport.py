@@ -161,8 +161,10 @@ _DRAIN_EVERY = 16
 # gets the copy, which wakes it wherever it waits. DISTLLM_SHM_COPY_DELAY_US overrides it.
 COPY_DELAY_S = float(os.environ.get("DISTLLM_SHM_COPY_DELAY_US", "200")) * 1e-6
 # Longest sleep in poll() for a reader of a ring, which looks at the ring again after it: the
-# backstop for a writer that saw it awake and skipped the copy just as it fell asleep.
-_RING_POLL_MAX_S = 0.002
+# backstop for a writer that saw it awake and skipped the copy just as it fell asleep (such a
+# writer also sends the copy once COPY_DELAY_S passes, if it is receiving meanwhile, as a
+# driver waiting for its result is). An idle reader wakes this often: 100 times a second.
+_RING_POLL_MAX_S = 0.01
 
 
 def shm_enabled() -> bool:

@@ -200,6 +200,27 @@ def test_sleeping_reader_gets_the_copy_at_once(copies_wait):
         s.close()
 
 
+def test_reader_asleep_finds_a_frame_whose_copy_was_skipped(monkeypatch, copies_wait):
+    """A writer that reads the asleep mark just before it is set skips the copy: the reader
+    still finds the frame in the ring when its capped poll() ends."""
+    s = Setup("ipc", n=1)
+    try:
+        _round_trips(s, [1])
+        w = s.workers[0]
+        got = []
+        t = threading.Thread(target=lambda: got.append(w.recv_plan(timeout_s=10)))
+        t.start()
+        time.sleep(0.2)
+        monkeypatch.setattr(s.driver._acks, "asleep", lambda slot: False)  # the mark is missed
+        t0 = time.monotonic()
+        s.driver.send_plan(2, b"plan 2")
+        t.join(5)
+        assert got == [(2, b"plan 2")] and time.monotonic() - t0 < 2.0
+        assert s.driver.copies_sent == 0
+    finally:
+        s.close()
+
+
 def test_copy_waits_at_most_the_delay(monkeypatch):
     monkeypatch.setattr(transport, "COPY_DELAY_S", 0.05)
     s = Setup("ipc", n=1)
