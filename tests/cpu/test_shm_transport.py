@@ -183,15 +183,21 @@ def test_copies_sent_at_once_are_drained_silently(caplog, copies_at_once):
         s.close()
 
 
+def _asleep_worker(s: Setup) -> tuple[threading.Thread, list]:
+    """Worker 0 receiving in a thread, past its spin: asleep in poll, and marked so."""
+    _round_trips(s, [1])
+    w = s.workers[0]
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(w.recv_plan(timeout_s=10)))
+    t.start()
+    time.sleep(0.2)
+    return t, got
+
+
 def test_sleeping_reader_gets_the_copy_at_once(copies_wait):
     s = Setup("ipc", n=1)
     try:
-        _round_trips(s, [1])
-        w = s.workers[0]
-        got = []
-        t = threading.Thread(target=lambda: got.append(w.recv_plan(timeout_s=10)))
-        t.start()
-        time.sleep(0.2)  # past its spin: asleep in poll, and marked so
+        t, got = _asleep_worker(s)
         s.driver.send_plan(2, b"plan 2")
         t.join(5)
         assert got == [(2, b"plan 2")]
@@ -205,12 +211,7 @@ def test_reader_asleep_finds_a_frame_whose_copy_was_skipped(monkeypatch, copies_
     still finds the frame in the ring when its capped poll() ends."""
     s = Setup("ipc", n=1)
     try:
-        _round_trips(s, [1])
-        w = s.workers[0]
-        got = []
-        t = threading.Thread(target=lambda: got.append(w.recv_plan(timeout_s=10)))
-        t.start()
-        time.sleep(0.2)
+        t, got = _asleep_worker(s)
         monkeypatch.setattr(s.driver._acks, "asleep", lambda slot: False)  # the mark is missed
         t0 = time.monotonic()
         s.driver.send_plan(2, b"plan 2")
