@@ -13,7 +13,9 @@ Each step the driver sends a StepPlan and waits for rank 0's StepResult. Two mod
 Transports (``--modes``): ``shm`` = ipc with the shared-memory fast path (the default for
 ipc), ``ipc`` = ipc over ZeroMQ alone (as with ``DISTLLM_SHM_TRANSPORT=0``), ``tcp``. Rows of
 one batch size and kind sit together, so one run compares them. ``shm %``: the share of plans
-(rank 0) and results (driver) taken from shared memory rather than from ZeroMQ.
+(rank 0) and results (driver) taken from shared memory rather than from ZeroMQ; ``copy %``:
+the share of plans (driver) and results (rank 0) whose ZeroMQ copy was sent all the same (a
+reader did not ack it in time, or was asleep; see transport.py's "acked copies").
 
 Workers are spawned processes (as with the ``mp`` executor), so driver and worker do not share
 a GIL. Batch 256 = 256 cached (decoding) requests, each scheduled for one token and sending no
@@ -126,7 +128,7 @@ def worker_main(cfg_dict: dict, rank: int, codec: bool, raw_result: bytes, warmu
         if rank == 0:
             nan = float("nan")
             stats.put((statistics.median(dec_us) if dec_us else nan, statistics.median(enc_us) if enc_us else nan,
-                       w.shm_taken / max(1, warmup + steps)))
+                       w.shm_taken / max(1, warmup + steps), w.copies_sent / max(1, warmup + steps)))
 
 
 def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_workers: int) -> dict:
@@ -146,7 +148,7 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
     ]
     for p in procs:
         p.start()
-    wrk = (float("nan"), float("nan"), float("nan"))
+    wrk = (float("nan"),) * 4
     try:
         d.wait_for_workers(n_workers, timeout_s=60)
         times, enc, dec = [], [], []
@@ -194,6 +196,8 @@ def run_one(mode: str, batch: int, codec: bool, steps: int, warmup: int, n_worke
         "wrk_enc": wrk[1],
         # plans (rank 0) and results (driver) taken from shm, as a share of all
         "shm": 50 * (wrk[2] + d.shm_taken / (warmup + steps)),
+        # plans (driver) and results (rank 0) whose ZeroMQ copy was sent (not acked in time)
+        "copies": 50 * (wrk[3] + d.copies_sent / (warmup + steps)),
         "plan_bytes": len(raw_plan),
         "result_bytes": len(raw_result),
     }
@@ -277,7 +281,7 @@ def main() -> None:
         f"{args.steps} steps (+{args.warmup} warmup)"
     )
     print(f"{'transport':9} {'batch':>5} {'what':>5} {'plan B':>7} {'res B':>6} {'median us':>10} {'p99 us':>9}"
-          f" {'shm %':>6} {'drv enc us':>10} {'drv dec us':>10} {'wrk dec us':>10} {'wrk enc us':>10}")
+          f" {'shm %':>6} {'copy %':>6} {'drv enc us':>10} {'drv dec us':>10} {'wrk dec us':>10} {'wrk enc us':>10}")
     sizes = {104}
     ring_sizes: set[tuple[int, int]] = set()
     for batch in (int(b) for b in args.batches.split(",")):
@@ -290,7 +294,7 @@ def main() -> None:
                 cols = (r["enc"], r["dec"], r["wrk_dec"], r["wrk_enc"])
                 print(
                     f"{mode:9} {batch:5d} {what:>5} {r['plan_bytes']:7d} {r['result_bytes']:6d}"
-                    f" {r['median']:10.1f} {r['p99']:9.1f} {r['shm']:6.1f}"
+                    f" {r['median']:10.1f} {r['p99']:9.1f} {r['shm']:6.1f} {r['copies']:6.1f}"
                     + ("".join(f" {c:10.1f}" for c in cols) if codec else f" {'-':>10}" * 4),
                     flush=True,
                 )
