@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from distllm.core.prefix_hash import hash_block_tokens, normalize_salt
+from distllm.core.prefix_hash import extend_block_chain, normalize_salt
 
 if TYPE_CHECKING:
     from distllm.core.request import Request
@@ -93,10 +93,7 @@ class BlockManager:
         if have < need:
             # Only the new blocks' tokens are sliced out (a long request holds thousands).
             extra = (request.cache_salt,) if request.cache_salt else None
-            tokens = request.token_ids_from(have * bs)
-            for i in range(need - have):
-                parent = hashes[-1] if hashes else None
-                hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], extra, self.hash_salt))
+            extend_block_chain(hashes, request.token_ids_from(have * bs), bs, need - have, extra, self.hash_salt)
         return hashes if len(hashes) == need else hashes[:need]
 
     # ---- lookup / allocation ---------------------------------------------------------------

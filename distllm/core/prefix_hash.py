@@ -37,6 +37,21 @@ def hash_block_tokens(
     return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") >> 1
 
 
+def extend_block_chain(
+    hashes: list[int],
+    token_ids: Sequence[int],
+    block_size: int,
+    num_blocks: int,
+    extra_keys: tuple[Any, ...] | None = None,
+    salt: bytes | str = b"",
+) -> None:
+    """Append the hashes of ``num_blocks`` more blocks to ``hashes`` in place; ``token_ids``
+    starts at the first token after the blocks ``hashes`` already covers."""
+    for i in range(num_blocks):
+        parent = hashes[-1] if hashes else None
+        hashes.append(hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys, salt))
+
+
 def hash_block_chain(
     token_ids: Sequence[int],
     block_size: int,
@@ -49,8 +64,7 @@ def hash_block_chain(
     Returns the complete list (the known prefix followed by the new hashes).
     """
     hashes = list(parent_hashes)
-    num_full = len(token_ids) // block_size
-    for i in range(len(hashes), num_full):
-        parent = hashes[i - 1] if i > 0 else None
-        hashes.append(hash_block_tokens(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys, salt))
+    have = len(hashes)
+    extend_block_chain(hashes, token_ids[have * block_size :], block_size, len(token_ids) // block_size - have,
+                       extra_keys, salt)
     return hashes
