@@ -74,7 +74,7 @@ def make_plan(step_id: int, req_ids: list[str]) -> StepPlan:
         return StepPlan(step_id=1, new_requests=new, num_scheduled_tokens={rid: _PROMPT_LEN for rid in req_ids})
     cached = [
         # every 16th request crosses a block boundary this step (block size 16)
-        CachedRequestData(rid, [], [step_id * 256 + i] if i % 16 == 0 else [], _PROMPT_LEN + step_id + i)
+        CachedRequestData(rid, [], [step_id * 256 + i] if i % 16 == 0 else [])
         for i, rid in enumerate(req_ids)
     ]
     return StepPlan(step_id=step_id, cached_requests=cached, num_scheduled_tokens={rid: 1 for rid in req_ids})

@@ -14,7 +14,7 @@ import operator
 
 import msgpack
 
-PLAN_VERSION = 4
+PLAN_VERSION = 5
 
 
 @dataclass
@@ -34,31 +34,38 @@ class NewRequestData:
 
 
 class CachedRequestData(NamedTuple):
-    """A diff for a request the workers already hold (one row of CachedRequests)."""
+    """A diff for a request the workers already hold (one row of CachedRequests).
+
+    It carries no computed count: a worker advances its own by the tokens each step computes
+    (the scheduler does the same), and a request whose count starts over (preemption) is sent
+    again as a new request."""
 
     req_id: str
     # Tokens the workers do not hold yet (they keep the ones they sample themselves).
     new_token_ids: list[int]
     # Blocks allocated since the last plan, appended to the request's block table.
     new_block_ids: list[int]
-    num_computed_tokens: int
 
 
 @dataclass
 class CachedRequests:
     """The diffs of every running request the workers hold, in columns.
 
-    Hundreds of them go out every step, mostly with nothing but a computed count: flat columns
-    (variable-length lists as counts + one flat list) pack and unpack at C speed, where a list
-    per request costs a fraction of a microsecond each way. Iterating yields CachedRequestData.
+    Hundreds of them go out every step, mostly with nothing to say but "still running": only the
+    few rows that bring tokens or blocks are listed, by row index (sparse), with their counts and
+    the ids in one flat list each. Flat columns pack and unpack at C speed, where a list per
+    request costs a fraction of a microsecond each way. Iterating yields CachedRequestData.
     """
 
     req_ids: list[str] = field(default_factory=list)
-    num_computed_tokens: list[int] = field(default_factory=list)
+    # Rows (indices into req_ids, ascending) that bring tokens, their counts, the tokens flat.
+    new_token_rows: list[int] = field(default_factory=list)
     new_token_counts: list[int] = field(default_factory=list)
-    new_token_ids: list[int] = field(default_factory=list)  # flat, new_token_counts[i] per request
+    new_token_ids: list[int] = field(default_factory=list)
+    # Rows that bring blocks, their counts, the block ids flat.
+    new_block_rows: list[int] = field(default_factory=list)
     new_block_counts: list[int] = field(default_factory=list)
-    new_block_ids: list[int] = field(default_factory=list)  # flat, new_block_counts[i] per request
+    new_block_ids: list[int] = field(default_factory=list)
 
     @staticmethod
     def of(items) -> "CachedRequests":
@@ -67,29 +74,43 @@ class CachedRequests:
             out.add(*c)
         return out
 
-    def add(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int], num_computed_tokens: int) -> None:
+    def add(self, req_id: str, new_token_ids: list[int], new_block_ids: list[int]) -> None:
+        row = len(self.req_ids)
         self.req_ids.append(req_id)
-        self.num_computed_tokens.append(num_computed_tokens)
-        self.new_token_counts.append(len(new_token_ids))
         if new_token_ids:
+            self.new_token_rows.append(row)
+            self.new_token_counts.append(len(new_token_ids))
             self.new_token_ids.extend(new_token_ids)
-        self.new_block_counts.append(len(new_block_ids))
         if new_block_ids:
+            self.new_block_rows.append(row)
+            self.new_block_counts.append(len(new_block_ids))
             self.new_block_ids.extend(new_block_ids)
 
     def __len__(self) -> int:
         return len(self.req_ids)
 
+    def new_tokens_by_row(self) -> dict[int, list[int]]:
+        return _by_row(self.new_token_rows, self.new_token_counts, self.new_token_ids)
+
+    def new_blocks_by_row(self) -> dict[int, list[int]]:
+        return _by_row(self.new_block_rows, self.new_block_counts, self.new_block_ids)
+
     def __iter__(self):
-        t = b = 0
-        for rid, nc, kt, kb in zip(self.req_ids, self.num_computed_tokens, self.new_token_counts, self.new_block_counts):
-            yield CachedRequestData(rid, self.new_token_ids[t : t + kt], self.new_block_ids[b : b + kb], nc)
-            t += kt
-            b += kb
+        toks, blks = self.new_tokens_by_row(), self.new_blocks_by_row()
+        for i, rid in enumerate(self.req_ids):
+            yield CachedRequestData(rid, toks.get(i, []), blks.get(i, []))
 
     def __getitem__(self, i: int) -> CachedRequestData:
         return list(self)[i]
 
+
+def _by_row(rows: list[int], counts: list[int], flat: list[int]) -> dict[int, list[int]]:
+    """{row: its slice of flat} for a sparse column (rows with counts[i] entries each)."""
+    out, at = {}, 0
+    for row, k in zip(rows, counts):
+        out[row] = flat[at : at + k]
+        at += k
+    return out
 
 
 @dataclass
@@ -180,14 +201,19 @@ class StepResult:
 # Plan: [version, step_id, finished refs, preempted refs,
 #        new rows [[handle | None, req_id, prompt ids, output ids, block ids, computed, sampling,
 #                   pooling], ...],
-#        cached refs | None (None: the first len(cached) requests of the batch order, the
-#                            scheduler's usual layout: running requests first, then new ones),
-#        cached computed, new token counts, new token ids, new block counts, new block ids,
+#        cached refs | an int n (the first n requests of the batch order, the scheduler's
+#                                usual layout: running requests first, then new ones),
+#        new token rows | None, new token counts, new token ids,
+#        new block rows | None, new block counts, new block ids (sparse: only the cached rows
+#                             that bring tokens / blocks; None: every row),
 #        batch order refs | an int (the step id of the last plan, whose batch order this one
 #                                   repeats: a decode step without joins or finishes),
 #        scheduled counts | one int (the same count for every request)]
-# Count columns (new token / new block / scheduled counts) go as one int when all are equal, as
-# bytes when all are below 256, else as a list.
+# Counts (scheduled, new token, new block) go as one int when all are equal, as bytes when all are below 256, else as
+# an int column. Long int columns (computed counts, token and block ids, a result's sampled
+# ids) go as *packed ints*: msgpack ext type 1 holding little-endian int32 bytes, which pack,
+# MAC and unpack at memcpy speed, where msgpack walks one Python int at a time (~20 us a step
+# each way at batch 256 on the dev VM). A column with a value outside int32 goes as a list.
 # Result: [version, step_id, sampled refs | None (None: exactly the batch order),
 #          sampled token ids, rows [[ref, tokens, logprobs, prompt logprobs, pooled,
 #          pooled shape, error], ...], errors]
@@ -292,9 +318,9 @@ class PlanEncoder:
         n = len(cr.req_ids)
         return [
             PLAN_VERSION, p.step_id, fin, pre, new,
-            None if cr.req_ids == order[:n] else self._refs(cr.req_ids),
-            cr.num_computed_tokens, _pack_counts(cr.new_token_counts), cr.new_token_ids,
-            _pack_counts(cr.new_block_counts), cr.new_block_ids,
+            n if cr.req_ids == order[:n] else self._refs(cr.req_ids),
+            *_pack_sparse(n, cr.new_token_rows, cr.new_token_counts, cr.new_token_ids),
+            *_pack_sparse(n, cr.new_block_rows, cr.new_block_counts, cr.new_block_ids),
             order_refs, _pack_counts(list(p.num_scheduled_tokens.values())),
         ]
 
@@ -393,9 +419,9 @@ class PlanDecoder:
     def decode(self, data: bytes) -> StepPlan:
         o = msgpack.unpackb(data, raw=False, strict_map_key=False)
         _check_version(o[0])
-        if len(o) != 13:
-            raise CodecError(f"a plan of {len(o)} fields, expected 13")
-        _, step_id, fin, pre, new, cached_refs, c_nc, c_tc, c_tids, c_bc, c_bids, order_refs, counts = o
+        if len(o) != 14:
+            raise CodecError(f"a plan of {len(o)} fields, expected 14")
+        _, step_id, fin, pre, new, cached_refs, c_tr, c_tc, c_tids, c_br, c_bc, c_bids, order_refs, counts = o
         finished = self._drop(step_id, fin) if fin else []
         preempted = self._drop(step_id, pre) if pre else []
         new_requests = []
@@ -403,16 +429,17 @@ class PlanDecoder:
             self._add(step_id, r[0], r[1])
             new_requests.append(NewRequestData(*r[1:]))
         order, scheduled = self._batch(step_id, order_refs, counts)
-        n = len(c_nc)
-        if cached_refs is None:
-            if n > len(order):
+        if type(cached_refs) is int:
+            n = cached_refs
+            if not 0 <= n <= len(order):
                 raise CodecError(f"plan {step_id}: {n} cached requests but a batch of {len(order)}")
             cached_ids = order[:n]
         else:
             cached_ids = self._resolve(step_id, cached_refs)
-        cached = CachedRequests(
-            cached_ids, c_nc, _unpack_counts(c_tc, n), c_tids, _unpack_counts(c_bc, n), c_bids
-        )
+            n = len(cached_ids)
+        c_tr, c_tc, c_tids = _unpack_sparse(step_id, "token", n, c_tr, c_tc, c_tids)
+        c_br, c_bc, c_bids = _unpack_sparse(step_id, "block", n, c_br, c_bc, c_bids)
+        cached = CachedRequests(cached_ids, c_tr, c_tc, c_tids, c_br, c_bc, c_bids)
         return StepPlan(
             step_id=step_id,
             new_requests=new_requests,
@@ -422,6 +449,23 @@ class PlanDecoder:
             preempted_req_ids=preempted,
             version=o[0],
         )
+
+
+def _pack_sparse(n: int, rows: list[int], counts: list[int], flat: list[int]) -> list:
+    """A sparse column of n rows: rows (None: every row), counts (one int: all equal), ids."""
+    return [None if len(rows) == n else rows, _pack_counts(counts), flat]
+
+
+def _unpack_sparse(step_id: int, what: str, n: int, rows, counts, flat) -> tuple[list, list, list]:
+    """_pack_sparse undone; the rows must be in range and ascending, the counts add up."""
+    every = rows is None
+    rows = list(range(n)) if every else rows
+    counts = _unpack_counts(counts, len(rows))
+    if sum(counts) != len(flat):
+        raise CodecError(f"plan {step_id}: new-{what} counts add up to {sum(counts)}, with {len(flat)} ids")
+    if not every and rows and not (0 <= rows[0] and rows[-1] < n and all(a < b for a, b in zip(rows, rows[1:]))):
+        raise CodecError(f"plan {step_id}: new-{what} rows {rows[:8]}... are not ascending rows of {n}")
+    return rows, counts, flat
 
 
 def encode_plan(plan: StepPlan) -> bytes:

@@ -286,9 +286,7 @@ class Scheduler:
         # 3. The plan: full state for requests the workers do not hold, diffs for the rest.
         known = self._worker_known
         cr = plan.cached_requests
-        cr_ids, cr_nc, cr_tc, cr_tids, cr_bc, cr_bids = (
-            cr.req_ids, cr.num_computed_tokens, cr.new_token_counts, cr.new_token_ids, cr.new_block_counts,
-            cr.new_block_ids)
+        cr_ids = cr.req_ids
         for req, n in picked:
             rid = req.request_id
             num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
@@ -306,22 +304,10 @@ class Scheduler:
                     )
                 )
                 known.add(rid)
-            else:  # CachedRequests.add, inline
+            elif req.num_tokens_sent < num_tokens or req.num_blocks_sent < num_blocks:
+                cr.add(rid, req.token_ids_from(req.num_tokens_sent), req.block_ids[req.num_blocks_sent:])
+            else:  # CachedRequests.add without tokens or blocks (most rows of a decode step), inline
                 cr_ids.append(rid)
-                cr_nc.append(req.num_computed_tokens)
-                sent = req.num_tokens_sent
-                if sent < num_tokens:
-                    toks = req.token_ids_from(sent)
-                    cr_tc.append(len(toks))
-                    cr_tids.extend(toks)
-                else:
-                    cr_tc.append(0)
-                sent = req.num_blocks_sent
-                if sent < num_blocks:
-                    cr_bc.append(num_blocks - sent)
-                    cr_bids.extend(req.block_ids[sent:])
-                else:
-                    cr_bc.append(0)
             req.num_tokens_sent = num_tokens
             req.num_blocks_sent = num_blocks
             computed = req.num_computed_tokens + n

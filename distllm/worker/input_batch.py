@@ -137,6 +137,9 @@ def build_step_inputs(
         num_known = len(toks)
         if end > num_known:
             raise RuntimeError(f"plan schedules {end} tokens of {rid} but the worker knows {num_known}")
+        # The step computes tokens nc..end-1 of the request: the worker's count moves on now, as
+        # the scheduler's did when it made the plan (plans carry no counts for cached requests).
+        st.num_computed_tokens = end
         if n == 1:
             ids.append(toks[nc])
         else:

@@ -206,23 +206,16 @@ class ModelRunner:
             self._drop(rid)
         for r in plan.new_requests:
             self._add_request(r)
+        # A cached request's computed count is not in the plan: build_step_inputs advances it.
         cr = plan.cached_requests
         states = self.states
-        toks, blks = cr.new_token_ids, cr.new_block_ids
-        t = b = 0
-        for rid, nc, kt, kb in zip(cr.req_ids, cr.num_computed_tokens, cr.new_token_counts, cr.new_block_counts):
-            st = states[rid]
-            if kt:
-                new = toks[t : t + kt]
-                t += kt
-                st.token_ids.extend(new)
-                if st.sampling is not None:
-                    st.sampling.output_token_ids.extend(new)
-            if kb:
-                new = blks[b : b + kb]
-                b += kb
-                self.block_tables.append(st.row, new)
-            st.num_computed_tokens = nc
+        for row, new in cr.new_tokens_by_row().items():
+            st = states[cr.req_ids[row]]
+            st.token_ids.extend(new)
+            if st.sampling is not None:
+                st.sampling.output_token_ids.extend(new)
+        for row, new in cr.new_blocks_by_row().items():
+            self.block_tables.append(states[cr.req_ids[row]].row, new)
 
     # ---- one step ---------------------------------------------------------------------------
 

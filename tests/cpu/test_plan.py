@@ -33,7 +33,7 @@ scalar = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | finite | st.
 params = st.none() | st.dictionaries(st.text(max_size=8), scalar | st.lists(st.integers(-(2**40), 2**40), max_size=4), max_size=6)
 
 new_req = st.builds(NewRequestData, req_id, ids, ids, ids, small, params, params)
-cached_req = st.builds(CachedRequestData, req_id, ids, ids, small)
+cached_req = st.builds(CachedRequestData, req_id, ids, ids)
 plans = st.builds(
     StepPlan,
     step_id=small,
@@ -116,7 +116,7 @@ def test_real_params_round_trip():
             NewRequestData("a", [1, 2, 3], [4], [0, 1], 0, sampling=sp.to_worker_dict()),
             NewRequestData("b", [5], [], [2], 0, pooling=PoolingParams(task="embed").to_worker_dict()),
         ],
-        cached_requests=[CachedRequestData("c", [7], [3], 12)],
+        cached_requests=[CachedRequestData("c", [7], [3])],
         num_scheduled_tokens={"c": 1, "a": 4, "b": 1},
         finished_req_ids=["x"],
         preempted_req_ids=["y"],

@@ -65,7 +65,7 @@ class _Sim:
         skipped = [r for r in batch if rng.random() < 0.05]  # not scheduled this step
         batch = [r for r in batch if r not in skipped]
         cached = [CachedRequestData(r, [rng.randrange(50_000)] * rng.randint(0, 2),
-                                    [rng.randrange(1000)] * (rng.random() < 0.1), rng.randrange(4000)) for r in batch]
+                                    [rng.randrange(1000)] * (rng.random() < 0.1)) for r in batch]
         if rng.random() < 0.3:  # new requests mixed into the batch, not after it
             rng.shuffle(batch)
         joining = []
@@ -129,16 +129,17 @@ def test_steady_decode_is_small_and_names_no_ids():
                      num_scheduled_tokens=dict.fromkeys(ids, 30))
     assert dec.decode(enc.encode(first)) == first
     for step in (2, 3, 4):  # the same batch again: repeated by reference to the last plan
-        plan = StepPlan(step, cached_requests=[CachedRequestData(r, [7], [], 30 + step) for r in ids],
+        plan = StepPlan(step, cached_requests=[CachedRequestData(r, [7], []) for r in ids],
                         num_scheduled_tokens=dict.fromkeys(ids, 1))
         data = enc.encode(plan)
         got = dec.decode(data)
         assert got == plan
         got.num_scheduled_tokens.clear()  # the decoder keeps its own copy of a repeated batch
-        assert b"cmpl-" not in data and len(data) < 2000
+        # two packed int32 columns of 256 (computed counts, the new token ids) and a few bytes more
+        assert b"cmpl-" not in data and len(data) < 2 * 4 * 256 + 64
         res = StepResult(step, sampled_req_ids=list(ids), sampled_token_ids=list(range(256)))
         rdata = encode_result(res, ids)
-        assert b"cmpl-" not in rdata and len(rdata) < 800
+        assert b"cmpl-" not in rdata and len(rdata) < 4 * 256 + 32  # the sampled ids, packed int32
         assert decode_result(rdata, list(plan.num_scheduled_tokens)) == res
 
 
@@ -150,11 +151,11 @@ def test_async_result_after_next_plan():
     p1 = StepPlan(1, [NewRequestData(a, [1, 2], [], [0], 0), NewRequestData(b, [3], [], [1], 0)],
                   num_scheduled_tokens={a: 2, b: 1})
     assert dec.decode(enc.encode(p1)) == p1
-    p2 = StepPlan(2, cached_requests=[CachedRequestData(a, [], [], 2), CachedRequestData(b, [], [], 1)],
+    p2 = StepPlan(2, cached_requests=[CachedRequestData(a, [], []), CachedRequestData(b, [], [])],
                   num_scheduled_tokens={a: 1, b: 1})
     w2 = dec.decode(enc.encode(p2))
     # Step 3 is scheduled before step 2's result: b is finished (aborted), c joins.
-    p3 = StepPlan(3, [NewRequestData(c, [4], [], [2], 0)], [CachedRequestData(a, [], [], 3)],
+    p3 = StepPlan(3, [NewRequestData(c, [4], [], [2], 0)], [CachedRequestData(a, [], [])],
                   num_scheduled_tokens={a: 1, c: 1}, finished_req_ids=[b])
     w3 = dec.decode(enc.encode(p3))
     assert w3 == p3 and b not in enc._handles and len(dec) == 2
@@ -183,7 +184,7 @@ def test_unknown_ids_travel_as_strings():
     """Ids without a handle (never sent as new) are sent as strings, so the worker sees exactly
     what the uni executor would (and fails the same way on a diff for a request it lacks)."""
     enc, dec = PlanEncoder(), PlanDecoder()
-    plan = StepPlan(1, cached_requests=[CachedRequestData("x", [1], [], 3)], num_scheduled_tokens={"x": 1},
+    plan = StepPlan(1, cached_requests=[CachedRequestData("x", [1], [])], num_scheduled_tokens={"x": 1},
                     finished_req_ids=["never-sent"])
     assert dec.decode(enc.encode(plan)) == plan
     assert len(enc) == 0 and len(dec) == 0
@@ -196,7 +197,7 @@ def test_handles_and_strings_mix():
     a, b = _rid(), _rid()
     dec.decode(enc.encode(StepPlan(1, [NewRequestData(a, [1], [], [0], 0)], num_scheduled_tokens={a: 1})))
     p2 = StepPlan(2, [NewRequestData(b, [1], [], [1], 0)],
-                  [CachedRequestData("stray", [], [], 1), CachedRequestData(a, [], [], 1)],
+                  [CachedRequestData("stray", [], []), CachedRequestData(a, [], [])],
                   num_scheduled_tokens={a: 1, "stray": 1, b: 1})
     data = enc.encode(p2)
     assert dec.decode(data) == p2
@@ -217,16 +218,49 @@ def test_unknown_handle_raises():
     enc, dec = PlanEncoder(), PlanDecoder()
     a = _rid()
     dec.decode(enc.encode(StepPlan(1, [NewRequestData(a, [1], [], [0], 0)], num_scheduled_tokens={a: 1})))
-    obj = msgpack.unpackb(enc.encode(StepPlan(2, cached_requests=[CachedRequestData(a, [], [], 1)], num_scheduled_tokens={a: 1})))
+    obj = msgpack.unpackb(enc.encode(StepPlan(2, cached_requests=[CachedRequestData(a, [], [])], num_scheduled_tokens={a: 1})))
     for bad in ([999], [-1], [None], [1.0], [[0]]):
         o = list(obj)
-        o[11] = bad  # the batch order
+        o[12] = bad  # the batch order
         with pytest.raises(CodecError, match="out of step"):
             dec.decode(msgpack.packb(o))
     o = list(obj)
     o[2] = [12345]  # finishing a handle the worker does not hold
     with pytest.raises(CodecError, match="handle 12345"):
         dec.decode(msgpack.packb(o))
+
+
+def test_sparse_rows_round_trip_and_are_checked():
+    """Only the cached rows that bring tokens or blocks are on the wire (by row index); a
+    message whose rows, counts and ids do not fit together is refused, not misapplied."""
+    ids = [_rid() for _ in range(5)]
+    enc = PlanEncoder()
+    first = enc.encode(StepPlan(1, [NewRequestData(r, [1, 2], [], [i], 0) for i, r in enumerate(ids)],
+                                num_scheduled_tokens=dict.fromkeys(ids, 2)))
+
+    def worker() -> PlanDecoder:  # one that holds plan 1, as the worker does
+        dec = PlanDecoder()
+        dec.decode(first)
+        return dec
+
+    cached = [CachedRequestData(ids[0], [], [5]), CachedRequestData(ids[1], [8, 9], []),
+              CachedRequestData(ids[2], [], []), CachedRequestData(ids[3], [4], [6, 7]), CachedRequestData(ids[4], [], [])]
+    plan = StepPlan(2, cached_requests=cached, num_scheduled_tokens=dict.fromkeys(ids, 1))
+    cr = plan.cached_requests
+    assert (cr.new_token_rows, cr.new_token_counts, cr.new_token_ids) == ([1, 3], [2, 1], [8, 9, 4])
+    assert (cr.new_block_rows, cr.new_block_counts, cr.new_block_ids) == ([0, 3], [1, 2], [5, 6, 7])
+    data = enc.encode(plan)
+    got = worker().decode(data)
+    assert got == plan and list(got.cached_requests) == cached
+    obj = msgpack.unpackb(data)
+    assert obj[5] == 5 and obj[6] == [1, 3] and obj[9] == [0, 3]  # five cached rows, two of each kind
+    for field, bad, msg in [(6, [3, 1], "ascending"), (6, [1, 5], "ascending"), (6, [-1, 3], "ascending"),
+                            (7, [2, 2], "add up"), (8, [8, 9], "add up"), (10, [1], "counts for 2 rows"),
+                            (5, 6, "6 cached requests but a batch of 5")]:
+        o = list(obj)
+        o[field] = bad
+        with pytest.raises(CodecError, match=msg):
+            worker().decode(msgpack.packb(o))
 
 
 def test_lost_plan_is_detected():
@@ -238,9 +272,9 @@ def test_lost_plan_is_detected():
     # A repeated batch must refer to the plan the worker decoded last.
     enc2, dec2 = PlanEncoder(), PlanDecoder()
     dec2.decode(enc2.encode(StepPlan(1, [NewRequestData(a, [1], [], [0], 0)], num_scheduled_tokens={a: 1})))
-    enc2.encode(StepPlan(2, cached_requests=[CachedRequestData(a, [], [], 1)], num_scheduled_tokens={a: 1}))  # lost
+    enc2.encode(StepPlan(2, cached_requests=[CachedRequestData(a, [], [])], num_scheduled_tokens={a: 1}))  # lost
     with pytest.raises(CodecError, match="lost"):
-        dec2.decode(enc2.encode(StepPlan(3, cached_requests=[CachedRequestData(a, [], [], 2)], num_scheduled_tokens={a: 1})))
+        dec2.decode(enc2.encode(StepPlan(3, cached_requests=[CachedRequestData(a, [], [])], num_scheduled_tokens={a: 1})))
 
 
 def test_encoder_refuses_to_go_on_after_a_failure():
@@ -276,7 +310,7 @@ def test_result_positions_checked():
 
 def test_stateless_plan_has_no_handles():
     a = _rid()
-    plan = StepPlan(4, [NewRequestData(a, [1], [], [0], 0)], [CachedRequestData("c", [2], [9], 5)],
+    plan = StepPlan(4, [NewRequestData(a, [1], [], [0], 0)], [CachedRequestData("c", [2], [9])],
                     num_scheduled_tokens={"c": 1, a: 300})
     assert decode_plan(encode_plan(plan)) == plan
     assert decode_plan(encode_plan(plan)) == plan  # self-contained: any number of times
@@ -284,7 +318,7 @@ def test_stateless_plan_has_no_handles():
     enc = PlanEncoder()
     enc.encode(StepPlan(1, [NewRequestData("z", [1], [], [0], 0)], num_scheduled_tokens={"z": 1}))
     with pytest.raises(CodecError, match="out of step"):
-        decode_plan(enc.encode(StepPlan(2, cached_requests=[CachedRequestData("z", [], [], 1)], num_scheduled_tokens={"z": 1, "y": 2})))
+        decode_plan(enc.encode(StepPlan(2, cached_requests=[CachedRequestData("z", [], [])], num_scheduled_tokens={"z": 1, "y": 2})))
 
 
 def test_version_mismatch_raises():

@@ -49,7 +49,7 @@ def _plan(step_id: int) -> StepPlan:
                 f"new-{step_id}", [1, 2, 3, 4], [], [7, 8], 0, {"temperature": 0.5, "seed": 3, "stop_token_ids": [2]}
             )
         ],
-        cached_requests=[CachedRequestData("old-0", [42], [9], 17), CachedRequestData("old-1", [43], [], 30)],
+        cached_requests=[CachedRequestData("old-0", [42], [9]), CachedRequestData("old-1", [43], [])],
         num_scheduled_tokens={f"new-{step_id}": 4, "old-0": 1, "old-1": 1},
         finished_req_ids=["gone"],
         preempted_req_ids=["pre"],
