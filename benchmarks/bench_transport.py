@@ -19,8 +19,9 @@ reader did not ack it in time, or was asleep; see transport.py's "acked copies")
 
 Workers are spawned processes (as with the ``mp`` executor), so driver and worker do not share
 a GIL. Batch 256 = 256 cached (decoding) requests, each scheduled for one token and sending no
-token ids (the workers keep the ids they sample, so the scheduler sends none in a decode phase),
-every 16th with a new block; batch 1 = one.
+token ids (the workers keep the ids they sample, so the scheduler sends none in a decode phase)
+and no computed count (plan format v5: the workers keep their own), every 16th with a new
+block; batch 1 = one.
 Request ids look like the server's (``cmpl-<32 hex>-0``). ``wrk dec``/``wrk enc``: rank 0's
 median plan decode and result encode.
 
