@@ -209,11 +209,9 @@ class StepResult:
 #        batch order refs | an int (the step id of the last plan, whose batch order this one
 #                                   repeats: a decode step without joins or finishes),
 #        scheduled counts | one int (the same count for every request)]
-# Counts (scheduled, new token, new block) go as one int when all are equal, as bytes when all are below 256, else as
-# an int column. Long int columns (computed counts, token and block ids, a result's sampled
-# ids) go as *packed ints*: msgpack ext type 1 holding little-endian int32 bytes, which pack,
-# MAC and unpack at memcpy speed, where msgpack walks one Python int at a time (~20 us a step
-# each way at batch 256 on the dev VM). A column with a value outside int32 goes as a list.
+# Counts (scheduled, new token, new block) go as one int when all are equal, as bytes when all
+# are below 256, else as a list. A running request's computed count is not sent: driver and
+# workers each move it on by the tokens a step schedules for it (see CachedRequestData).
 # Result: [version, step_id, sampled refs | None (None: exactly the batch order),
 #          sampled token ids, rows [[ref, tokens, logprobs, prompt logprobs, pooled,
 #          pooled shape, error], ...], errors]
