@@ -135,11 +135,10 @@ def test_steady_decode_is_small_and_names_no_ids():
         got = dec.decode(data)
         assert got == plan
         got.num_scheduled_tokens.clear()  # the decoder keeps its own copy of a repeated batch
-        # two packed int32 columns of 256 (computed counts, the new token ids) and a few bytes more
-        assert b"cmpl-" not in data and len(data) < 2 * 4 * 256 + 64
+        assert b"cmpl-" not in data and len(data) < 2000
         res = StepResult(step, sampled_req_ids=list(ids), sampled_token_ids=list(range(256)))
         rdata = encode_result(res, ids)
-        assert b"cmpl-" not in rdata and len(rdata) < 4 * 256 + 32  # the sampled ids, packed int32
+        assert b"cmpl-" not in rdata and len(rdata) < 800
         assert decode_result(rdata, list(plan.num_scheduled_tokens)) == res
 
 
