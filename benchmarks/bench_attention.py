@@ -52,7 +52,7 @@ def make_decode(batch, ctx, h, hkv, d, block_size, dtype):
     return q, k_cache, v_cache, block_tables, seq_lens, qsl
 
 
-def bench_decode(batch, ctx, h, hkv, d, block_size, dtype, num_splits=None):
+def bench_decode(batch, ctx, h, hkv, d, block_size, dtype, num_splits=None, sdpa=True):
     q, kc, vc, bt, sl, qsl = make_decode(batch, ctx, h, hkv, d, block_size, dtype)
     fn = lambda: tpa.paged_attention(  # noqa: E731
         q, kc, vc, bt, sl, qsl, d**-0.5, max_query_len=1, max_seq_len=ctx, num_splits=num_splits
@@ -63,16 +63,17 @@ def bench_decode(batch, ctx, h, hkv, d, block_size, dtype, num_splits=None):
     splits = num_splits or tpa._choose_splits(q, batch * hkv, 1, ctx, sl)
     # dense, non-paged reference point: torch SDPA (flash) over contiguous K/V of the same size
     sdpa_ms = float("nan")
-    try:
-        kd = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=dtype)
-        vd = torch.randn_like(kd)
-        qd = q.view(batch, h, 1, d)
-        f2 = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)  # noqa: E731
-        f2()
-        sdpa_ms = triton.testing.do_bench(f2, warmup=25, rep=200)
-        del kd, vd
-    except Exception as e:  # pragma: no cover
-        log(f"  sdpa baseline failed: {e!r}")
+    if sdpa:
+        try:
+            kd = torch.randn(batch, hkv, ctx, d, device="cuda", dtype=dtype)
+            vd = torch.randn_like(kd)
+            qd = q.view(batch, h, 1, d)
+            f2 = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)  # noqa: E731
+            f2()
+            sdpa_ms = triton.testing.do_bench(f2, warmup=25, rep=200)
+            del kd, vd
+        except Exception as e:  # pragma: no cover
+            log(f"  sdpa baseline failed: {e!r}")
     del kc, vc
     return ms, kv_bytes, splits, sdpa_ms
 
@@ -105,10 +106,38 @@ def bench_store(T, hkv, d, block_size, dtype):
     return ms, 2 * 2 * key.numel() * key.element_size()
 
 
+def split_sweep(h: int, hkv: int, d: int, bs: int, dtype: torch.dtype, bw: float) -> None:
+    """Decode with few sequences leaves most SMs idle unless the KV range is split: time each
+    split count, with V loaded with K (EARLY_V) and after the softmax, against the heuristic."""
+    base = tpa.EARLY_V
+    log(f"\nsplit sweep (decode), H={h} Hkv={hkv} D={d} block={bs}; µs per split count")
+    # the last three: enough sequences to fill the SMs (one split), to see what EARLY_V does there
+    for batch, ctx in [(1, 256), (1, 1024), (1, 4096), (1, 32768), (4, 2048), (4, 8192), (8, 4096),
+                       (16, 512), (16, 2048), (32, 1024), (32, 4096), (64, 1024), (256, 1024), (256, 4096)]:
+        for early in (False, True):
+            tpa.EARLY_V = early
+            cells, best = [], None
+            for n in (1, 2, 4, 8, 16, 32, 64) if batch < 64 else (1,):
+                if n > 1 and ctx // n < 32:
+                    continue
+                ms, nbytes, _, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, num_splits=n, sdpa=False)
+                cells.append(f"{n}:{ms * 1e3:.1f}")
+                if best is None or ms < best[0]:
+                    best = (ms, n, nbytes / (ms * 1e-3) / 1e9)
+            ms_h, nbytes, n_h, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, sdpa=False)
+            log(f"  b={batch} ctx={ctx} early_v={int(early)}: " + " ".join(cells)
+                + f" | best {best[1]} splits {best[0] * 1e3:.1f} us {100 * best[2] / bw:.0f}% copy"
+                + f" | heuristic {n_h} splits {ms_h * 1e3:.1f} us")
+        torch.cuda.empty_cache()
+    tpa.EARLY_V = base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--sweep", action="store_true", help="try BLOCK_N x NUM_STAGES for decode")
+    ap.add_argument("--split-sweep", action="store_true",
+                    help="small-batch decode: every split-KV count, V loaded early and late (then exit)")
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "."), "bench_attention.log"))
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -119,6 +148,9 @@ def main() -> None:
     log(f"copy bandwidth (read+write): {bw:.0f} GB/s")
 
     h, hkv, d, bs = 32, 8, 128, 16
+    if args.split_sweep:
+        split_sweep(h, hkv, d, bs, dtype, bw)
+        return
     rows = []
     decode_cfgs = [(1, 4096), (1, 32768), (4, 8192), (8, 4096), (16, 2048), (32, 4096),
                    (64, 1024), (64, 4096), (128, 2048), (256, 4096)]
