@@ -52,13 +52,28 @@ def make_decode(batch, ctx, h, hkv, d, block_size, dtype):
     return q, k_cache, v_cache, block_tables, seq_lens, qsl
 
 
-def bench_decode(batch, ctx, h, hkv, d, block_size, dtype, num_splits=None, sdpa=True):
+def graph_ms(fn, calls: int = 20) -> float:
+    """ms a call, replaying `calls` back-to-back calls captured in a CUDA graph, as decode runs:
+    eager timing of a kernel of a few µs measures Python's launch, not the kernel."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=100) / calls
+
+
+def bench_decode(batch, ctx, h, hkv, d, block_size, dtype, num_splits=None, sdpa=True, graph=False):
     q, kc, vc, bt, sl, qsl = make_decode(batch, ctx, h, hkv, d, block_size, dtype)
     fn = lambda: tpa.paged_attention(  # noqa: E731
         q, kc, vc, bt, sl, qsl, d**-0.5, max_query_len=1, max_seq_len=ctx, num_splits=num_splits
     )
     fn()
-    ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+    ms = graph_ms(fn) if graph else triton.testing.do_bench(fn, warmup=25, rep=200)
     kv_bytes = batch * ctx * hkv * d * 2 * kc.element_size()
     splits = num_splits or tpa._choose_splits(q, batch * hkv, 1, ctx, sl)
     # dense, non-paged reference point: torch SDPA (flash) over contiguous K/V of the same size
@@ -108,28 +123,31 @@ def bench_store(T, hkv, d, block_size, dtype):
 
 def split_sweep(h: int, hkv: int, d: int, bs: int, dtype: torch.dtype, bw: float) -> None:
     """Decode with few sequences leaves most SMs idle unless the KV range is split: time each
-    split count, with V loaded with K (EARLY_V) and after the softmax, against the heuristic."""
-    base = tpa.EARLY_V
+    split count against the heuristic's, in CUDA graphs (as decode runs)."""
     log(f"\nsplit sweep (decode), H={h} Hkv={hkv} D={d} block={bs}; µs per split count")
-    # the last three: enough sequences to fill the SMs (one split), to see what EARLY_V does there
+    # the last three: enough sequences to fill the SMs without splitting
     for batch, ctx in [(1, 256), (1, 1024), (1, 4096), (1, 32768), (4, 2048), (4, 8192), (8, 4096),
                        (16, 512), (16, 2048), (32, 1024), (32, 4096), (64, 1024), (256, 1024), (256, 4096)]:
-        for early in (False, True):
-            tpa.EARLY_V = early
-            cells, best = [], None
-            for n in (1, 2, 4, 8, 16, 32, 64) if batch < 64 else (1,):
-                if n > 1 and ctx // n < 32:
-                    continue
-                ms, nbytes, _, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, num_splits=n, sdpa=False)
-                cells.append(f"{n}:{ms * 1e3:.1f}")
-                if best is None or ms < best[0]:
-                    best = (ms, n, nbytes / (ms * 1e-3) / 1e9)
-            ms_h, nbytes, n_h, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, sdpa=False)
-            log(f"  b={batch} ctx={ctx} early_v={int(early)}: " + " ".join(cells)
-                + f" | best {best[1]} splits {best[0] * 1e3:.1f} us {100 * best[2] / bw:.0f}% copy"
-                + f" | heuristic {n_h} splits {ms_h * 1e3:.1f} us")
+        cells, best = [], None
+        for n in (1, 2, 4, 8, 16, 32, 64) if batch < 64 else (1,):
+            if n > 1 and ctx // n < 32:
+                continue
+            ms, nbytes, _, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, num_splits=n, sdpa=False, graph=True)
+            cells.append(f"{n}:{ms * 1e3:.1f}")
+            if best is None or ms < best[0]:
+                best = (ms, n, nbytes / (ms * 1e-3) / 1e9)
+        ms_h, nbytes, n_h, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, sdpa=False, graph=True)
+        log(f"  b={batch} ctx={ctx}: " + " ".join(cells)
+            + f" | best {best[1]} splits {best[0] * 1e3:.1f} us {100 * best[2] / bw:.0f}% copy"
+            + f" | heuristic {n_h} splits {ms_h * 1e3:.1f} us {100 * nbytes / (ms_h * 1e-3) / 1e9 / bw:.0f}% copy")
         torch.cuda.empty_cache()
-    tpa.EARLY_V = base
+    # A CUDA graph's split count is made for the longest context; shorter ones leave splits empty.
+    for batch, ctx, cap in [(1, 256, 4096), (1, 256, 32768), (8, 512, 8192)]:
+        q, kc, vc, bt, sl, qsl = make_decode(batch, ctx, h, hkv, d, bs, dtype)
+        n = tpa._choose_splits(q, batch * hkv, 1, cap, sl)
+        fn = lambda: tpa.paged_attention(q, kc, vc, bt, sl, qsl, d**-0.5, max_query_len=1, max_seq_len=cap)  # noqa: E731
+        log(f"  b={batch} ctx={ctx}, splits made for {cap}: {n} splits {graph_ms(fn) * 1e3:.1f} us")
+        del kc, vc
 
 
 def main() -> None:
@@ -137,7 +155,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--sweep", action="store_true", help="try BLOCK_N x NUM_STAGES for decode")
     ap.add_argument("--split-sweep", action="store_true",
-                    help="small-batch decode: every split-KV count, V loaded early and late (then exit)")
+                    help="small-batch decode: every split-KV count vs the heuristic's, in CUDA graphs (then exit)")
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "."), "bench_attention.log"))
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16

@@ -50,10 +50,6 @@ BLOCK_N = 64  # keys per KV-loop iteration (spans several pages)
 SPLIT_MIN_KEYS = 512  # keys a split should at least cover
 MAX_SPLITS = 32
 NUM_STAGES = 2  # software pipelining depth of the KV loop
-# Issue the V load of a KV chunk with its K load, before the QK dot and the softmax: V's
-# addresses need only the chunk's block ids, and a short split (a few chunks a program) is
-# bound by how many memory round trips each chunk waits for. DISTLLM_ATTN_EARLY_V=0: after.
-EARLY_V = os.environ.get("DISTLLM_ATTN_EARLY_V", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # The batch size and the block-table width change from step to step: one compile for all
@@ -101,7 +97,6 @@ def _paged_attn_kernel(
     IEEE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr = False,
-    EARLY_V: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)  # see ops/pdl.py
     pid_q = tl.program_id(0)
@@ -176,10 +171,6 @@ def _paged_attn_kernel(
             mask=n_mask[None, :] & d_mask[:, None],
             other=0.0,
         )  # [BLOCK_D, BLOCK_N]
-        v_ptrs = v_base + blk[:, None] * stride_vcb + in_page[:, None] * stride_vcs + offs_d[None, :] * stride_vcd
-        v_mask = n_mask[:, None] & d_mask[None, :]
-        if EARLY_V:
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         if DOT_F32:
             k = k.to(tl.float32)
         if IEEE_DOT:
@@ -196,8 +187,11 @@ def _paged_attn_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if not EARLY_V:
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        v = tl.load(
+            v_base + blk[:, None] * stride_vcb + in_page[:, None] * stride_vcs + offs_d[None, :] * stride_vcd,
+            mask=n_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
         if DOT_F32:
             v = v.to(tl.float32)
         if IEEE_DOT:
@@ -375,7 +369,6 @@ def paged_attention(
         CAUSAL=bool(causal),
         IEEE_DOT=q.dtype == torch.float32,
         DOT_F32=_INTERPRET and k_cache.dtype == torch.bfloat16,
-        EARLY_V=EARLY_V,
         num_warps=num_warps,
         num_stages=NUM_STAGES,
         **launch_options(use_pdl(q)),

@@ -166,6 +166,27 @@ def test_paged_attention_split_kv(num_splits):
     _check(out, ref, torch.float32)
 
 
+def test_paged_attention_split_kv_most_splits_empty(monkeypatch):
+    """16 splits over contexts of 3 to 60 keys (a CUDA graph's split count is made for the
+    longest context): splits past a context write no acc, and the reduce must not read one,
+    here NaN-filled garbage."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seqs = [(60, 1), (3, 1), (0, 9), (40, 5)]
+    q, kc, vc, bt, sl, qsl = _make_batch(seqs, 8, 4, 2, 32, torch.float32, gen)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    out = paged_attention(q, kc, vc, bt, sl, qsl, 0.2, num_splits=16)
+    monkeypatch.undo()
+    ref = paged_attention_ref(q, kc, vc, bt, sl, qsl, 0.2)
+    assert not out.isnan().any()
+    _check(out, ref, torch.float32)
+
+
 def test_paged_attention_non_causal_and_empty_seq():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     # an idle (padding) sequence with no new tokens sits between real ones
