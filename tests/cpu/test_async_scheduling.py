@@ -114,3 +114,37 @@ def test_idle_engine_with_a_step_in_flight_survives_worker_timeout(tiny_models):
         assert eng.dead_error is None
     finally:
         eng.shutdown()
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("engine_kw", [
+    dict(block_size=8, num_gpu_blocks_override=14, max_num_seqs=8),  # preemption
+    dict(max_num_batched_tokens=16, enable_prefix_caching=True),  # chunked prefill, cache hits
+])
+def test_worker_computed_counts_follow_the_scheduler(tiny_models, engine_kw, async_scheduling):
+    """Plans carry no computed counts for running requests (plan format v5): the worker moves
+    its own on by what each step computes. After every launch, they must equal the scheduler's."""
+    prompts = _prompts(10)
+    prompts += [p + [7, 8, 9] for p in prompts[:3]]  # shared prefixes: prefix-cache hits
+    with LLM(model=tiny_models["llama"], device="cpu", async_scheduling=async_scheduling, **engine_kw) as llm:
+        eng = llm.llm_engine
+        runner, sched = eng.executor.worker.runner, eng.scheduler
+        launch, checked = runner.launch, []
+
+        def checked_launch(plan):
+            pending = launch(plan)
+            for rid in plan.num_scheduled_tokens:
+                assert runner.states[rid].num_computed_tokens == sched.requests[rid].num_computed_tokens, rid
+                checked.append(rid)
+            return pending
+
+        runner.launch = checked_launch
+        preempt, preempted = sched._preempt, []
+        sched._preempt = lambda req: (preempted.append(req.request_id), preempt(req))
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _mixed_params(len(prompts)), use_tqdm=False)
+    assert len(checked) > 50
+    # the first case must preempt (counts start over), the second must hit the prefix cache
+    if "num_gpu_blocks_override" in engine_kw:
+        assert preempted
+    else:
+        assert any(o.num_cached_tokens for o in outs), [o.num_cached_tokens for o in outs]
