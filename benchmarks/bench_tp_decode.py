@@ -73,13 +73,14 @@ def param_bytes(cfg: dict) -> int:
     return 2 * (L * per_layer + v * h)  # bf16; the embedding read is one row, the LM head is all of it
 
 
-def bench(folder: str, tp: int, backend: str, tokens: int, enforce_eager: bool, nccl_only: bool = False) -> float:
+def bench(folder: str, tp: int, backend: str, tokens: int, enforce_eager: bool, nccl_only: bool = False,
+          prompt_len: int = 32) -> float:
     from distllm import LLM, SamplingParams
 
     llm = LLM(model=folder, load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
               distributed_executor_backend=backend, max_model_len=2048, disable_custom_all_reduce=nccl_only,
               num_gpu_blocks_override=256, max_num_seqs=1, enforce_eager=enforce_eager)
-    prompt = [{"prompt_token_ids": [1] + list(range(100, 131))}]
+    prompt = [{"prompt_token_ids": [1] + list(range(100, 99 + prompt_len))}]
 
     def timed(n: int) -> float:
         sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
@@ -103,11 +104,15 @@ def main() -> None:
     ap.add_argument("--tp1-backend", default="uni", choices=["uni", "mp", "ray"],
                     help="TP=1 baseline: in-process (uni), or one worker process (mp) to isolate transport cost")
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=32,
+                    help="prompt tokens (decode attends to prompt + generated; max_model_len is 2048)")
     ap.add_argument("--model-shape", default="llama3-8b", choices=list(SHAPES))
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--all-reduce", default="custom", choices=["custom", "nccl", "both"],
                     help="tp > 1: distllm's custom all-reduce (default; NCCL above its size limit), NCCL only, or both")
     args = ap.parse_args()
+    if not 1 <= args.prompt_len <= 2048 - args.tokens:
+        ap.error(f"--prompt-len must be in [1, {2048 - args.tokens}] (max_model_len 2048 minus --tokens)")
 
     import torch
 
@@ -120,7 +125,7 @@ def main() -> None:
     folder, cfg = make_model_dir(args.model_shape)
     wbytes = param_bytes(cfg)
     print(f"model: {args.model_shape} dummy weights, {wbytes / 1e9:.2f} GB bf16; backend {args.backend}; "
-          f"enforce_eager={args.enforce_eager}; {args.tokens} decode tokens, batch 1")
+          f"enforce_eager={args.enforce_eager}; {args.prompt_len}-token prompt, {args.tokens} decode tokens, batch 1")
     rows = []
     base = None
     for tp in [int(x) for x in args.tp.split(",")]:
@@ -130,7 +135,8 @@ def main() -> None:
         backend = args.backend if tp > 1 else args.tp1_backend
         modes = ["-"] if tp == 1 else (["custom", "nccl"] if args.all_reduce == "both" else [args.all_reduce])
         for mode in modes:
-            rate = bench(folder, tp, backend, args.tokens, args.enforce_eager, nccl_only=mode == "nccl")
+            rate = bench(folder, tp, backend, args.tokens, args.enforce_eager, nccl_only=mode == "nccl",
+                         prompt_len=args.prompt_len)
             base = base or (rate if tp == 1 else None)
             rows.append((tp, mode, rate))
             speed = f"{rate / base:5.2f}x" if base else "  n/a"

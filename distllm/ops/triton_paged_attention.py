@@ -22,10 +22,13 @@ Design
   looked up in the block table, so BLOCK_N is independent of the page size. Causal tiles
   stop at their last query's position. fp32 accumulation, online softmax in the exp2
   domain (scale * log2(e) folded into the scores).
-* Split-KV (flash-decoding): with NUM_SPLITS > 1 grid axis 2 divides each tile's KV range
-  into NUM_SPLITS chunks; programs write unnormalised fp32 partials (acc, running max,
-  running sum) and a small reduce kernel combines them. Chosen on CUDA when the batch has
-  short queries and too few (tile, kv head) programs to fill the GPU.
+* Split-KV (flash-decoding): with num_splits > 1 grid axis 2 divides each tile's KV range
+  into up to num_splits chunks of whole KV-loop blocks; programs write unnormalised fp32
+  partials (acc, running max, running sum) and a small reduce kernel combines them. Chosen on
+  CUDA when the batch has short queries and too few (tile, kv head) programs to fill the GPU
+  (`_choose_splits`). A context shorter than the grid was sized for leaves the last splits
+  empty: they mark themselves so (l = 0) and exit. The split count is a runtime argument, so
+  every split count shares one compiled kernel.
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 PREFILL_BLOCK_M = 64  # rows (tokens x heads) of a query tile when a batch holds prefills
 DECODE_BLOCK_M = 16  # minimum rows of a decode tile (tl.dot wants >= 16)
 BLOCK_N = 64  # keys per KV-loop iteration (spans several pages)
-SPLIT_MIN_KEYS = 512  # keys a split should at least cover
-MAX_SPLITS = 32
+PROGRAMS_PER_SM = 4  # split-KV target: (tile, kv head, split) programs per SM
+MAX_SPLITS = 64
 NUM_STAGES = 2  # software pipelining depth of the KV loop
 
 
 # The batch size and the block-table width change from step to step: one compile for all
 # (each CUDA-graph batch size would otherwise compile its own variants at start-up).
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "num_splits"])
 def _paged_attn_kernel(
     q_ptr,
     k_cache_ptr,
@@ -68,6 +71,7 @@ def _paged_attn_kernel(
     qsl_ptr,
     scale_log2,
     num_seqs,
+    num_splits,
     stride_qt,
     stride_qh,
     stride_qd,
@@ -92,7 +96,7 @@ def _paged_attn_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -131,6 +135,27 @@ def _paged_attn_kernel(
     tok = (q_start + q_idx).to(tl.int64)
     qpos = ctx + q_idx
 
+    if CAUSAL:
+        kv_end = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + BLOCK_Q, q_len))
+    else:
+        kv_end = seq_len
+    if not SPLIT:
+        n_lo = 0
+        n_hi = kv_end
+    else:
+        # At least one KV-loop block a split: a grid sized for a longer context (a CUDA graph
+        # captured for max_model_len) leaves the splits past this context empty.
+        n_chunks = tl.cdiv(kv_end, BLOCK_N)
+        per_split = tl.cdiv(n_chunks, num_splits) * BLOCK_N
+        n_lo = split * per_split
+        n_hi = tl.minimum(kv_end, n_lo + per_split)
+        if n_lo >= n_hi:
+            # Mark the split empty (l = 0) and skip the rest: the reduce never reads its acc.
+            part = (tok * NUM_HEADS + head) * num_splits + split
+            tl.store(part_m_ptr + part, tl.full([BLOCK_M], -1.0e30, dtype=tl.float32), mask=row_valid)
+            tl.store(part_l_ptr + part, tl.zeros([BLOCK_M], dtype=tl.float32), mask=row_valid)
+            return
+
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     q = tl.load(
@@ -140,19 +165,6 @@ def _paged_attn_kernel(
     )
     if DOT_F32:
         q = q.to(tl.float32)
-
-    if CAUSAL:
-        kv_end = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + BLOCK_Q, q_len))
-    else:
-        kv_end = seq_len
-    if NUM_SPLITS == 1:
-        n_lo = 0
-        n_hi = kv_end
-    else:
-        n_chunks = tl.cdiv(kv_end, BLOCK_N)
-        per_split = tl.cdiv(n_chunks, NUM_SPLITS) * BLOCK_N
-        n_lo = split * per_split
-        n_hi = tl.minimum(kv_end, n_lo + per_split)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked rows stay NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -200,7 +212,7 @@ def _paged_attn_kernel(
             acc += tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(
@@ -209,7 +221,7 @@ def _paged_attn_kernel(
             mask=row_valid[:, None] & d_mask[None, :],
         )
     else:
-        part = (tok * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
+        part = (tok * NUM_HEADS + head) * num_splits + split  # [BLOCK_M]
         tl.store(part_m_ptr + part, m_i, mask=row_valid)
         tl.store(part_l_ptr + part, l_i, mask=row_valid)
         tl.store(
@@ -219,19 +231,20 @@ def _paged_attn_kernel(
         )
 
 
-@triton.jit
+# The split count is a runtime value: one compile serves every CUDA-graph batch size.
+@triton.jit(do_not_specialize=["num_splits"])
 def _split_reduce_kernel(
     out_ptr,
     part_o_ptr,
     part_m_ptr,
     part_l_ptr,
+    num_splits,
     stride_ot,
     stride_oh,
     stride_od,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
@@ -239,19 +252,19 @@ def _split_reduce_kernel(
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    base = (t * NUM_HEADS + h) * NUM_SPLITS
+    base = (t * NUM_HEADS + h) * num_splits
     m = tl.load(part_m_ptr + base + offs_s, mask=s_mask, other=-1.0e30)
     l = tl.load(part_l_ptr + base + offs_s, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
     denom = tl.sum(w * l, 0)
     denom = tl.where(denom > 0.0, denom, 1.0)
-    o = tl.load(
+    o = tl.load(  # an empty split (l = 0) wrote no acc
         part_o_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
-        mask=s_mask[:, None] & d_mask[None, :],
+        mask=(s_mask & (l > 0.0))[:, None] & d_mask[None, :],
         other=0.0,
     )
     o = tl.sum(o * w[:, None], 0) / denom
@@ -263,18 +276,22 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _choose_splits(q: torch.Tensor, programs: int, max_query_len: int, max_seq_len: int | None, seq_lens: torch.Tensor) -> int:
-    """Split the KV range when a short-query batch leaves most SMs idle."""
+def _choose_splits(q: torch.Tensor, programs: int, max_query_len: int, max_seq_len: int | None, seq_lens: torch.Tensor,
+                   block_n: int = BLOCK_N) -> int:
+    """Split the KV range when a short-query batch leaves SMs idle.
+
+    About four programs an SM, each with at least one KV-loop block: the best split count of
+    every shape in `bench_attention.py --split-sweep` (H200, CUDA graphs) fits this rule. With
+    max_seq_len = max_model_len (CUDA graphs) shorter contexts leave splits empty, and an empty
+    split exits at once."""
     if not q.is_cuda or max_query_len > 16:
         return 1
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
-        return 1
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max().item())  # device sync: callers should pass it
-    by_len = max_seq_len // SPLIT_MIN_KEYS
-    by_sms = triton.cdiv(2 * sms, max(programs, 1))
-    return max(1, min(by_len, by_sms, MAX_SPLITS))
+    by_sms = (PROGRAMS_PER_SM * sms) // max(programs, 1)
+    by_len = triton.cdiv(max_seq_len, block_n)
+    return max(1, min(by_sms, by_len, MAX_SPLITS))
 
 
 def paged_attention(
@@ -327,7 +344,7 @@ def paged_attention(
     busy_tiles = min(num_tiles, batch * triton.cdiv(max_query_len, block_q))
 
     if num_splits is None:
-        num_splits = _choose_splits(q, busy_tiles * num_kv_heads, max_query_len, max_seq_len, seq_lens)
+        num_splits = _choose_splits(q, busy_tiles * num_kv_heads, max_query_len, max_seq_len, seq_lens, block_n)
     num_splits = max(1, int(num_splits))
 
     if num_splits > 1:
@@ -351,6 +368,7 @@ def paged_attention(
         query_start_loc,
         float(scale) * _LOG2E,
         batch,
+        num_splits,
         *q.stride(),
         *out.stride(),
         *k_cache.stride(),
@@ -365,7 +383,7 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
+        SPLIT=num_splits > 1,
         CAUSAL=bool(causal),
         IEEE_DOT=q.dtype == torch.float32,
         DOT_F32=_INTERPRET and k_cache.dtype == torch.bfloat16,
@@ -379,12 +397,13 @@ def paged_attention(
             part_o,
             part_m,
             part_l,
+            num_splits,
             *out.stride(),
             NUM_HEADS=num_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            # Two compiles serve every split count; a 64-row tile for 2 splits costs ~µs.
+            SPLITS_PAD=8 if num_splits <= 8 else max(MAX_SPLITS, triton.next_power_of_2(num_splits)),
             num_warps=4 if block_d >= 128 else 2,
             **launch_options(use_pdl(q)),
         )

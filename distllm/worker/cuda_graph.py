@@ -20,6 +20,15 @@ from distllm.logger import init_logger
 logger = init_logger(__name__)
 
 _FULL_ROWS_COPY_BYTES = 1 << 20
+# A graph's attention sizes its split-KV grid for the longest context it may see (the kernels
+# take max_seq_len from the host at capture). Graphs made for max_model_len thus launch mostly
+# empty split programs when every context is short: 32 splits where 4 have keys for the 8B
+# shape at batch 1 and 256 keys, ~1.5 µs more a layer (H200). So small batches, the ones that
+# split, also get a graph made for contexts up to SHORT_CONTEXT, replayed while they fit. (With
+# 512 keys, at most 8 splits: the two grids differ where (batch x kv heads a rank) < 66 on 132
+# SMs, e.g. batch <= 8 for the 8B shape, <= 16 at TP=2 or for SmolLM2's 3 kv heads.)
+SHORT_CONTEXT = 512
+SHORT_GRAPH_MAX_BS = 16
 
 
 def graph_batch_sizes(max_num_seqs: int, limit: int = 256) -> list[int]:
@@ -57,24 +66,32 @@ class DecodeGraphs:
         # One static logits buffer for every bucket: per-bucket outputs left in the shared pool
         # would add up to sum(buckets) rows of the vocabulary (> 1 GB for 150k-token vocabularies).
         self.logits = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # (batch size, longest context it serves) -> graph
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.short_context = SHORT_CONTEXT if max_model_len > SHORT_CONTEXT else None
         self.pool = None
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _contexts(self, bs: int) -> list[int]:
+        if self.short_context is None or bs > SHORT_GRAPH_MAX_BS:
+            return [self.max_model_len]
+        return [self.max_model_len, self.short_context]
+
+    def _meta(self, bs: int, max_seq_len: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs],
             block_tables=self.block_tables[:bs],
             seq_lens=self.seq_lens[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
             max_query_len=1,
-            # The kernels size their grid from this host value: the model maximum is valid for every replay.
-            max_seq_len=self.max_model_len,
+            # The kernels size their grid from this host value; any replay whose contexts are at
+            # most this long is valid.
+            max_seq_len=max_seq_len,
         )
 
-    def _run(self, bs: int) -> None:
+    def _run(self, bs: int, max_seq_len: int) -> None:
         # The LM head is inside the graph too: its matmul (and the TP all-gather) would
         # otherwise be launched from Python every step.
-        with forward_context(self._meta(bs), self.kv_caches):
+        with forward_context(self._meta(bs, max_seq_len), self.kv_caches):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
@@ -83,18 +100,22 @@ class DecodeGraphs:
         t0 = time.perf_counter()
         free0 = torch.cuda.mem_get_info()[0]
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-            self._run(bs)  # warm-up: Triton compiles, cuBLAS picks kernels
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self._run(bs)
-            if self.pool is None:
-                self.pool = g.pool()
-            self.graphs[bs] = g
+            for ctx in self._contexts(bs):
+                self._run(bs, ctx)  # warm-up: Triton compiles, cuBLAS picks kernels
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool):
+                    self._run(bs, ctx)
+                if self.pool is None:
+                    self.pool = g.pool()
+                self.graphs[(bs, ctx)] = g
         torch.cuda.synchronize()
         used = (free0 - torch.cuda.mem_get_info()[0]) / 2**30
-        logger.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.2f s, %.2f GiB",
-                    len(self.sizes), self.max_bs, time.perf_counter() - t0, used)
+        short = sum(1 for _, ctx in self.graphs if ctx != self.max_model_len)
+        logger.info("CUDA graphs: captured %d decode batch sizes (1..%d)%s in %.2f s, %.2f GiB",
+                    len(self.sizes), self.max_bs,
+                    f", {short} of them also for contexts up to {self.short_context}" if short else "",
+                    time.perf_counter() - t0, used)
 
     def can_run(self, num_reqs: int, num_tokens: int) -> bool:
         return num_tokens == num_reqs and num_reqs <= self.max_bs
@@ -136,7 +157,10 @@ class DecodeGraphs:
         st.copied.record()
         if fill is not None:
             self.input_ids.index_copy_(0, *fill)
-        self.graphs[bs].replay()
+        ctx = self.max_model_len
+        if self.short_context is not None and bs <= SHORT_GRAPH_MAX_BS and inputs.seq_lens.max() <= self.short_context:
+            ctx = self.short_context
+        self.graphs[(bs, ctx)].replay()
         return self.logits[:b]
 
 

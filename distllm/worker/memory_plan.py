@@ -64,8 +64,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 DEFAULT_CUDA_CONTEXT_BYTES = 512 * MiB
 DEFAULT_SMS = 132  # H100 SXM; only the split-KV partials in the graph pool depend on it
-_SPLIT_MIN_KEYS = 512  # ops/triton_paged_attention.SPLIT_MIN_KEYS
-_MAX_SPLITS = 32  # ops/triton_paged_attention.MAX_SPLITS
+_PROGRAMS_PER_SM = 4  # ops/triton_paged_attention.PROGRAMS_PER_SM
+_MAX_SPLITS = 64  # ops/triton_paged_attention.MAX_SPLITS
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 _DECODERS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -260,7 +260,8 @@ def cuda_graph_pool_bytes(s: DecoderShape, tp: int, e: int, max_num_seqs: int, m
     sizes = graph_batch_sizes(max_num_seqs)
     pool = 0
     for b in sizes:
-        splits = max(1, min(_MAX_SPLITS, _cdiv(2 * sms, b * r.kv_heads), max_model_len // _SPLIT_MIN_KEYS))
+        block_n = 64 if s.head_dim <= 128 else 32  # the paged-attention kernel's KV-loop block
+        splits = max(1, min(_MAX_SPLITS, (_PROGRAMS_PER_SM * sms) // (b * r.kv_heads), _cdiv(max_model_len, block_n)))
         partials = b * r.heads * splits * (s.head_dim + 2) * 4 if splits > 1 else 0
         pool = max(pool, layer_activation_bytes(s, tp, e, b) + partials)
     n = sizes[-1]

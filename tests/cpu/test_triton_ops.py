@@ -223,3 +223,23 @@ def test_dispatch_store_then_attend(monkeypatch):
     assert not dispatch.use_triton(q)
     out2 = dispatch.paged_attention(q, kc, vc, bt, sl, qsl, 0.3)
     _check(out2, ref, torch.float32)
+
+
+def test_split_kv_rule(monkeypatch):
+    """About four (tile, kv head, split) programs an SM, each split at least one KV-loop block
+    (the best counts of bench_attention.py --split-sweep on an H200); prefill never splits."""
+    import types
+
+    monkeypatch.setattr(_tpa, "_sm_count", lambda index: 132)
+    q = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
+
+    def splits(batch: int, ctx: int, kv_heads: int = 8, max_query_len: int = 1) -> int:
+        return _tpa._choose_splits(q, batch * kv_heads, max_query_len, ctx, None)
+
+    assert splits(1, 256) == 4  # one 64-key block a split
+    assert splits(1, 1024) == 16
+    assert splits(1, 32768) == _tpa.MAX_SPLITS
+    assert splits(4, 2048) == 16  # 528 // 32 programs, capped by the blocks
+    assert splits(32, 4096) == 2
+    assert splits(64, 4096) == 1 and splits(256, 1024) == 1
+    assert splits(1, 4096, max_query_len=17) == 1

@@ -99,3 +99,35 @@ def test_gated_gemv_on_equals_off(tiny_models, monkeypatch):
     monkeypatch.setattr(triton_gemv, "GATED", True)
     on = _greedy(tiny_models["llama"], **kw)
     assert on == off
+
+
+def test_short_context_graphs_equal_cpu(tiny_models, tmp_path):
+    """With max_model_len past worker/cuda_graph.SHORT_CONTEXT, small decode batches replay a
+    graph made for short contexts while every context fits it, and the max_model_len graph
+    otherwise (other split-KV counts): both give the CPU float32 tokens."""
+    import json
+    import shutil
+
+    from distllm.worker.cuda_graph import SHORT_CONTEXT
+
+    folder = tmp_path / "llama2k"
+    shutil.copytree(tiny_models["llama"], folder)
+    with open(folder / "config.json") as f:
+        cfg = json.load(f)
+    cfg["max_position_embeddings"] = 2048
+    with open(folder / "config.json", "w") as f:
+        json.dump(cfg, f)
+    g = torch.Generator().manual_seed(5)
+    short = [{"prompt_token_ids": torch.randint(100, 49152, (n,), generator=g).tolist()} for n in (5, 40, 200)]
+    long = [{"prompt_token_ids": torch.randint(100, 49152, (n,), generator=g).tolist()} for n in (7, 700)]
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def run(**kw) -> list[list[list[int]]]:
+        with LLM(model=str(folder), max_model_len=2048, **kw) as llm:
+            got = [[o.outputs[0].token_ids for o in llm.generate(p, sp, use_tqdm=False)] for p in (short, long)]
+            if kw.get("device") == "cuda":
+                graphs = llm.llm_engine.executor.worker.runner.graphs
+                assert {ctx for _, ctx in graphs.graphs} == {2048, SHORT_CONTEXT}
+            return got
+
+    assert run(device="cuda", dtype="float32", gpu_memory_utilization=0.3) == run(device="cpu")
