@@ -20,14 +20,30 @@ class ProcessedPrompt:
     prompt_token_ids: list[int]
 
 
-def load_tokenizer(model_config: ModelConfig):
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that are the generic tokenizers-backed class itself (Llama 3's
+# "PreTrainedTokenizerFast"; transformers 5 saves "TokenizersBackend"), and the model types for
+# which AutoTokenizer loads exactly that class (for others, qwen2 say, it substitutes the family's
+# own class; tests/cpu/test_tokenizer_load.py checks the two agree).
+_GENERIC_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
+_GENERIC_TOKENIZER_MODEL_TYPES = frozenset({"llama", "qwen3"})
 
+
+def load_tokenizer(model_config: ModelConfig):
     tok_path = model_config.tokenizer
     if tok_path.endswith(".gguf"):
         return _load_gguf_tokenizer_cached(tok_path)
     try:
-        config = _light_tokenizer_config(tok_path)
+        configs = _read_tokenizer_configs(tok_path)
+        if configs is not None and _is_generic_fast(tok_path, *configs):
+            # AutoTokenizer would resolve the same class, but its lookup imports
+            # transformers.models, which reads every model family's source files (3,000+ files:
+            # seconds on a fresh machine's cold disk, most of a cold start's tokenizer phase).
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(tok_path)
+        from transformers import AutoTokenizer
+
+        config = _light_tokenizer_config(tok_path, configs)
         kwargs = {} if config is None else {"config": config}
         return AutoTokenizer.from_pretrained(tok_path, trust_remote_code=model_config.trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
@@ -37,16 +53,8 @@ def load_tokenizer(model_config: ModelConfig):
         ) from None
 
 
-def _light_tokenizer_config(tok_path: str):
-    """A bare config carrying what AutoTokenizer reads from the model's config (model_type,
-    tokenizer_class, name), or None to let it load the config itself.
-
-    AutoTokenizer loads the config through AutoConfig, which imports the model family's modeling
-    stack (torch.distributed.tensor, sympy, ...): ~1 s of Python, and several more at a cold start,
-    where it competes for the GIL with the worker's start-up. Taken only when tokenizer_config.json
-    names its class and ships no remote code, the cases where the config decides nothing else."""
-    from transformers import PreTrainedConfig
-
+def _read_tokenizer_configs(tok_path: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(tokenizer_config.json, config.json or {}) of a local folder, or None."""
     tc_path = os.path.join(tok_path, "tokenizer_config.json")
     if not os.path.isdir(tok_path) or not os.path.isfile(tc_path):
         return None
@@ -60,6 +68,34 @@ def _light_tokenizer_config(tok_path: str):
                 model_cfg = json.load(f)
     except (OSError, ValueError):
         return None
+    if not isinstance(tok_cfg, dict) or not isinstance(model_cfg, dict):
+        return None
+    return tok_cfg, model_cfg
+
+
+def _is_generic_fast(tok_path: str, tok_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> bool:
+    return (tok_cfg.get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES
+            and model_cfg.get("model_type") in _GENERIC_TOKENIZER_MODEL_TYPES
+            and not model_cfg.get("tokenizer_class")
+            and "auto_map" not in tok_cfg and "auto_map" not in model_cfg
+            and os.path.isfile(os.path.join(tok_path, "tokenizer.json")))
+
+
+def _light_tokenizer_config(tok_path: str, configs: tuple[dict[str, Any], dict[str, Any]] | None = None):
+    """A bare config carrying what AutoTokenizer reads from the model's config (model_type,
+    tokenizer_class, name), or None to let it load the config itself.
+
+    AutoTokenizer loads the config through AutoConfig, which imports the model family's modeling
+    stack (torch.distributed.tensor, sympy, ...): ~1 s of Python, and several more at a cold start,
+    where it competes for the GIL with the worker's start-up. Taken only when tokenizer_config.json
+    names its class and ships no remote code, the cases where the config decides nothing else."""
+    from transformers import PreTrainedConfig
+
+    if configs is None:
+        configs = _read_tokenizer_configs(tok_path)
+    if configs is None:
+        return None
+    tok_cfg, model_cfg = configs
     if not tok_cfg.get("tokenizer_class") or "auto_map" in tok_cfg or "auto_map" in model_cfg:
         return None
     config = PreTrainedConfig()

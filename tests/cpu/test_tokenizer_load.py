@@ -83,3 +83,46 @@ def test_light_config_not_taken_without_tokenizer_class_or_with_remote_code(tiny
             json.dump(cfg, f)
         assert _light_tokenizer_config(str(folder)) is None
     assert _light_tokenizer_config(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("cls", ["PreTrainedTokenizerFast", "TokenizersBackend"])
+def test_generic_class_loads_directly_as_auto_tokenizer_would(tiny_models, tmp_path, kind, cls):
+    """A generic tokenizer class for a model type AutoTokenizer doesn't remap: loaded without
+    AutoTokenizer's lookup, and the same tokenizer as AutoTokenizer's."""
+    from transformers import AutoTokenizer
+
+    from distllm.engine.input_processor import _is_generic_fast, _read_tokenizer_configs
+
+    folder = tmp_path / kind
+    shutil.copytree(tiny_models[kind], folder)
+    with open(folder / "tokenizer_config.json") as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = cls
+    with open(folder / "tokenizer_config.json", "w") as f:
+        json.dump(cfg, f)
+    assert _is_generic_fast(str(folder), *_read_tokenizer_configs(str(folder)))
+    _same(load_tokenizer(_MC(str(folder))), AutoTokenizer.from_pretrained(str(folder)))
+
+
+def test_generic_class_not_taken_where_auto_tokenizer_remaps(tiny_models):
+    from distllm.engine.input_processor import _is_generic_fast, _read_tokenizer_configs
+
+    folder = tiny_models["qwen2"]  # AutoTokenizer gives Qwen2Tokenizer for TokenizersBackend here
+    assert not _is_generic_fast(folder, *_read_tokenizer_configs(folder))
+
+
+def test_generic_class_load_skips_transformers_model_registry(tiny_models):
+    """The point of the direct load: transformers.models (whose import reads every model
+    family's sources) is never imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom distllm.engine.input_processor import load_tokenizer\n"
+            "class M:\n    tokenizer = sys.argv[1]\n    trust_remote_code = False\n"
+            "tok = load_tokenizer(M)\nassert tok('t1 hello')['input_ids']\n"
+            "print(sorted(m for m in sys.modules if m.startswith('transformers.models')))\n")
+    out = subprocess.run([sys.executable, "-c", code, tiny_models["llama"]], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
