@@ -157,10 +157,12 @@ class DecodeGraphs:
         st.copied.record()
         if fill is not None:
             self.input_ids.index_copy_(0, *fill)
-        ctx = self.max_model_len
-        if self.short_context is not None and bs <= SHORT_GRAPH_MAX_BS and inputs.seq_lens.max() <= self.short_context:
-            ctx = self.short_context
-        self.graphs[(bs, ctx)].replay()
+        # The short-context graph where capture made one (_contexts) and every context fits it.
+        short = (bs, self.short_context)
+        if short in self.graphs and inputs.seq_lens.max() <= self.short_context:
+            self.graphs[short].replay()
+        else:
+            self.graphs[(bs, self.max_model_len)].replay()
         return self.logits[:b]
 
 
