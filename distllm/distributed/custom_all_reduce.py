@@ -317,7 +317,7 @@ def _self_test(car: CustomAllReduce) -> str | None:
 
 def _precompile(car: CustomAllReduce) -> None:
     """Compile the bf16 kernel before the self-test, so no rank spins while a peer compiles."""
-    from distllm.ops.triton_all_reduce import BLOCK, MAX_BLOCKS, NUM_STAGES, NUM_WARPS, one_shot_all_reduce_kernel
+    from distllm.ops.triton_all_reduce import one_shot_all_reduce_kernel, one_shot_options
 
     warmup = getattr(one_shot_all_reduce_kernel, "warmup", None)
     if warmup is None:
@@ -328,9 +328,7 @@ def _precompile(car: CustomAllReduce) -> None:
             x = torch.empty(n, dtype=torch.bfloat16, device=car.device)
             bufs = car._bufs(x.dtype)
             warmup(x, x, bufs, car.flag_addrs, car.state, car.err, n, bufs[0].numel() // (2 * car.world_size),
-                   car.max_spin, RANK=car.rank,
-                   WORLD=car.world_size, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
-                   num_stages=NUM_STAGES, grid=(1,))
+                   car.max_spin, **one_shot_options(car.rank, car.world_size, x), grid=(1,))
     except Exception as e:  # noqa: BLE001 - only an optimisation: the first launch compiles
         logger.debug("custom all-reduce: precompile skipped: %s", e)
 

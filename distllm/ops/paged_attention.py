@@ -37,21 +37,22 @@ def store_kv_ref(
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """q [q_len, H, D], k/v [kv_len, Hkv, D]; the queries are the last q_len kv positions."""
-    q_len, h, _ = q.shape
-    kv_len, hkv, _ = k.shape
+    """q [..., q_len, H, D], k/v [..., kv_len, Hkv, D] (the same leading dims, if any); the
+    queries are the last q_len kv positions."""
+    q_len, h, _ = q.shape[-3:]
+    kv_len, hkv, _ = k.shape[-3:]
     if hkv != h:
         # GQA: each kv head serves h // hkv query heads.
-        k = k.repeat_interleave(h // hkv, dim=1)
-        v = v.repeat_interleave(h // hkv, dim=1)
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, len, D]
+        k = k.repeat_interleave(h // hkv, dim=-2)
+        v = v.repeat_interleave(h // hkv, dim=-2)
+    qt, kt, vt = q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2)  # [..., H, len, D]
     mask = None
     if causal and q_len > 1:
         qpos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
         kpos = torch.arange(kv_len, device=q.device)[None, :]
         mask = kpos <= qpos  # [q_len, kv_len]
     out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)  # [q_len, H, D]
+    return out.transpose(-3, -2)  # [..., q_len, H, D]
 
 
 def paged_attention_ref(
@@ -88,15 +89,43 @@ def varlen_attention_ref(
     query_start_loc: torch.Tensor,
     scale: float,
     causal: bool,
+    batch_equal_lengths: bool | None = None,
 ) -> torch.Tensor:
-    """Attention within packed sequences, no cache (encoders, and prefills of fresh prompts)."""
+    """Attention within packed sequences, no cache (encoders, and prefills of fresh prompts).
+    ``batch_equal_lengths`` (default: on CUDA tensors) runs consecutive sequences of one length
+    as one batched call."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
-    for b in range(len(starts) - 1):
-        s, e = starts[b], starts[b + 1]
-        if e > s:
-            out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, causal).to(out.dtype)
+    if q.is_cuda if batch_equal_lengths is None else batch_equal_lengths:
+        # On a GPU, consecutive sequences of one length share one batched call: the memory
+        # profile's forward packs max_num_seqs such sequences, and one call per sequence and
+        # layer took seconds of launches at every start (8B: 256 x 32 SDPA calls). The CPU,
+        # the reference path, keeps one call per sequence.
+        runs = _equal_length_runs(starts)
+    else:
+        runs = [(starts[b], starts[b + 1] - starts[b], 1) for b in range(len(starts) - 1)]
+    for s, n, count in runs:
+        if n == 0:
+            continue
+        e = s + n * count
+        shape = (count, n) + q.shape[1:]  # [count * n, H, D] -> [count, n, H, D]
+        got = _attend(q[s:e].view(shape), k[s:e].view((count, n) + k.shape[1:]),
+                      v[s:e].view((count, n) + v.shape[1:]), scale, causal)
+        out[s:e] = got.reshape(count * n, *q.shape[1:]).to(out.dtype)
     return out
+
+
+def _equal_length_runs(starts: list[int]) -> list[tuple[int, int, int]]:
+    """(start, length, count): maximal runs of consecutive sequences of the same length."""
+    runs: list[tuple[int, int, int]] = []
+    for b in range(len(starts) - 1):
+        n = starts[b + 1] - starts[b]
+        if runs and runs[-1][1] == n:
+            s, _, c = runs[-1]
+            runs[-1] = (s, n, c + 1)
+        else:
+            runs.append((starts[b], n, 1))
+    return runs
 
 
 def decode_mask(seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:

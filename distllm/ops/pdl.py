@@ -11,8 +11,10 @@ Rules every kernel here follows when ``USE_PDL`` is set (``pdl_wait`` below):
 * no load of anything a previous kernel writes, and no store at all, before the wait;
 * ``gdc_launch_dependents`` right after the wait, so at most two kernels of the chain are in
   flight (the next one cannot launch before this one's inputs are ready).
-Kernels without PDL in between (cuBLAS, torch ops, the custom all-reduce) keep the usual
-full serialization, so mixing is safe: a PDL kernel after one of them simply starts late.
+Kernels without PDL in between (cuBLAS, torch ops, NCCL) keep the usual full serialization,
+so mixing is safe: a PDL kernel after one of them simply starts late. The custom all-reduce
+(ops/triton_all_reduce) waits first thing too: it may spin on its peers' flags only once every
+kernel before it has finished, and a GEMV launched behind it only prefetches weights.
 
 On by default where it can work: a CUDA device of compute capability 9.0+ and a Triton with
 ``launch_pdl`` and ``triton.language.extra.cuda.gdc_wait``; ``DISTLLM_PDL=0`` turns it off.

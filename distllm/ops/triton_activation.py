@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 BLOCK_D = 1024  # output columns per program
@@ -51,6 +52,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(BLOCK_D, triton.next_power_of_2(d))
     grid = (x2.shape[0], triton.cdiv(d, block))
     num_warps = 4 if block >= 1024 else 1
-    _silu_and_mul_kernel[grid](x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=num_warps,
+    launch(_silu_and_mul_kernel, grid, x2, out2, d, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=num_warps,
                                **launch_options(use_pdl(x2)))
     return out

@@ -43,6 +43,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
+from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
+
 # Program blocks per launch (also the flag slots per sender) and elements per block and
 # step. Small messages are latency-bound whatever these are; MB-sized ones need many loads
 # and stores in flight to fill NVLink (Little's law: ~400 GB/s x ~1.5 µs ~ 600 KB).
@@ -139,7 +142,11 @@ def one_shot_all_reduce_kernel(
     WORLD: tl.constexpr,  # 2, 4 or 8: one tl.arange lane per rank needs a power of two
     NUM_SLOTS: tl.constexpr,  # MAX_BLOCKS
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    # PDL (ops/pdl.py): launched while the layer's last GEMV drains, and lets the next
+    # layer's GEMV launch and fetch its first weight tile while this call waits on NVLink.
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     step = nprog * BLOCK_SIZE
@@ -183,10 +190,12 @@ def all_reduce_add_rms_norm_kernel(
     WORLD: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """The all-reduce above with a whole row per block step, then the residual add and the
     RMSNorm of `triton_norm` on the reduced row, rounded where that path rounds: one launch
     for what is otherwise an all-reduce and a norm kernel."""
+    pdl_wait(USE_PDL)  # as in one_shot_all_reduce_kernel
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = tl.load(state_ptr) + 1
@@ -225,10 +234,17 @@ def launch_one_shot(x, out, bufs: tuple, flag_addrs, state, err, rank: int, max_
     n = x.numel()
     world = len(bufs)
     slot_elems = bufs[rank].numel() // (2 * world)
-    one_shot_all_reduce_kernel[(grid_size(n),)](
+    launch(one_shot_all_reduce_kernel, (grid_size(n),),
         x, out, bufs, flag_addrs, state, err, n, slot_elems, max_spin,
-        RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        **one_shot_options(rank, world, x),
     )
+
+
+def one_shot_options(rank: int, world: int, x) -> dict:
+    """Compile-time arguments and launch options of one_shot_all_reduce_kernel for x (shared
+    with the precompile in distributed/custom_all_reduce, so both reach the same variant)."""
+    return dict(RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
+                num_stages=NUM_STAGES, **launch_options(use_pdl(x)))
 
 
 # Rows the fused all-reduce + add + RMSNorm keeps in registers (one row per block step).
@@ -244,8 +260,8 @@ def launch_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_out
     world = len(bufs)
     slot_elems = bufs[rank].numel() // (2 * world)
     block_n = triton.next_power_of_2(n)
-    all_reduce_add_rms_norm_kernel[(max(1, min(n_rows, MAX_BLOCKS)),)](
+    launch(all_reduce_add_rms_norm_kernel, (max(1, min(n_rows, MAX_BLOCKS)),),
         x, residual, weight, out, res_out, bufs, flag_addrs, state, err, n_rows, n, eps, slot_elems, max_spin,
         RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_N=block_n, num_warps=max(1, min(16, block_n // 512)),
-        num_stages=NUM_STAGES,
+        num_stages=NUM_STAGES, **launch_options(use_pdl(x)),
     )

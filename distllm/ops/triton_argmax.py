@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 CHUNK = 2048  # elements per stage-1 program
@@ -65,8 +66,8 @@ def argmax_last_dim(x: torch.Tensor) -> torch.Tensor:
     n_chunks = triton.cdiv(V, CHUNK)
     vals = torch.empty((B, n_chunks), dtype=torch.float32, device=x.device)
     idxs = torch.empty((B, n_chunks), dtype=torch.int32, device=x.device)
-    _argmax_chunks_kernel[(B, n_chunks)](x, vals, idxs, V, n_chunks, x.stride(0), CHUNK_SIZE=CHUNK, num_warps=8,
+    launch(_argmax_chunks_kernel, (B, n_chunks), x, vals, idxs, V, n_chunks, x.stride(0), CHUNK_SIZE=CHUNK, num_warps=8,
                                       **launch_options(use_pdl(x)))
-    _argmax_rows_kernel[(B,)](vals, idxs, out, n_chunks, CHUNKS_PAD=max(16, triton.next_power_of_2(n_chunks)),
+    launch(_argmax_rows_kernel, (B,), vals, idxs, out, n_chunks, CHUNKS_PAD=max(16, triton.next_power_of_2(n_chunks)),
                               num_warps=1, **launch_options(use_pdl(x)))
     return out

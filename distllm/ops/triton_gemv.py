@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 from distllm.ops.triton_activation import silu_mul
 
@@ -162,7 +163,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     extra = {"num_stages": rest[0]} if rest and rest[0] else {}
     block_m = rest[1] if len(rest) > 1 else 1
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _gemv_kernel[grid](
+    launch(_gemv_kernel, grid,
         x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, **extra,
         GATED=gated, **launch_options(use_pdl(x)),

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 
 from distllm.ops.gguf_quant import LAYOUTS, GGMLType, ggml_type
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 
@@ -504,7 +505,7 @@ def gguf_dequantize(qweight: torch.Tensor, qtype: int | str | GGMLType, k: int, 
     ub, uv = _half_unit(t)
     bn, units = DEQUANT_TILE
     grid = (triton.cdiv(n, bn), triton.cdiv(k // uv, units))
-    _dequant_kernel[grid](
+    launch(_dequant_kernel, grid,
         qweight, out, n, k, qweight.stride(0), out.stride(0),
         QTYPE=int(t), TS=lay.type_size, BLOCK_N=bn, UNITS=units, UB=ub, UV=uv, num_warps=4,
     )
@@ -536,7 +537,7 @@ def gguf_matmul(x: torch.Tensor, qweight: torch.Tensor, qtype: int | str | GGMLT
         ub, uv = _half_unit(t)
         bm, bn, half = MMA_BLOCK
         grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-        _mma_kernel[grid](
+        launch(_mma_kernel, grid,
             x, qweight, y, m, n, k, x.stride(0), qweight.stride(0), y.stride(0),
             QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_M=bm, BLOCK_N=bn, UNITS=max(1, half // ub), UB=ub, UV=uv,
             DOT_F32=x.dtype == torch.float32 or _INTERPRET, num_warps=4,
@@ -654,7 +655,7 @@ def gguf_gemv(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType, y: torch.Tens
     if words is not None:
         _, tw, qw, e, uv = _WORDS[t]
         block_n, units, warps = config or gemv_words_config(t, n, k, m, x.device)
-        _gemv_words_kernel[(triton.cdiv(n, block_n), m)](
+        launch(_gemv_words_kernel, (triton.cdiv(n, block_n), m),
             x, words, y, n, k, x.stride(0), words.stride(0), y.stride(0),
             QTYPE=int(t), TW=tw, QW=qw, E=e, UV=uv, BLOCK_N=block_n, UNITS=units, num_warps=warps,
             **launch_options(use_pdl(x)),
@@ -662,7 +663,7 @@ def gguf_gemv(x: torch.Tensor, qweight: torch.Tensor, t: GGMLType, y: torch.Tens
         return "words"
     ub, uv, units = _UNITS[t]
     block_n, warps = gemv_tile(t, n, m, x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n), m)](
+    launch(_gemv_kernel, (triton.cdiv(n, block_n), m),
         x, qweight, y, n, k, x.stride(0), qweight.stride(0), y.stride(0),
         QTYPE=int(t), TS=LAYOUTS[t].type_size, BLOCK_N=block_n, UNITS=units, UB=ub, UV=uv, num_warps=warps,
     )

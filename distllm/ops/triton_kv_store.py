@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from distllm.ops.launch import launch
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def store_kv(
     block_h = triton.next_power_of_2(hkv)
     block_d = triton.next_power_of_2(d)
     num_warps = 1 if block_h * block_d <= 1024 else (2 if block_h * block_d <= 4096 else 4)
-    _store_kv_kernel[(num_tokens,)](
+    launch(_store_kv_kernel, (num_tokens,),
         key,
         value,
         k_cache,

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 MAX_SINGLE_BLOCK = 16384  # rows up to this many elements stay in registers (one read of x)
@@ -147,7 +148,7 @@ def _rms_norm(
     r3 = _as_3d(residual) if residual is not None else x3
     n_rows = x3.shape[0] * x3.shape[1]
     rows, block, chunks, warps = _launch_config(n, n_rows, block_n)
-    _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+    launch(_rms_norm_kernel, (triton.cdiv(n_rows, rows),),
         x3,
         r3,
         weight,

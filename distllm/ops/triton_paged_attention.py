@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 _LOG2E = 1.4426950408889634
@@ -355,7 +356,7 @@ def paged_attention(
         part_o = part_m = part_l = out  # unused
 
     num_warps = 4 if block_m * block_d <= 64 * 128 else 8
-    _paged_attn_kernel[(num_tiles, num_kv_heads, num_splits)](
+    launch(_paged_attn_kernel, (num_tiles, num_kv_heads, num_splits),
         q,
         k_cache,
         v_cache,
@@ -392,7 +393,7 @@ def paged_attention(
         **launch_options(use_pdl(q)),
     )
     if num_splits > 1:
-        _split_reduce_kernel[(num_tokens, num_heads)](
+        launch(_split_reduce_kernel, (num_tokens, num_heads),
             out,
             part_o,
             part_m,

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 
 TILE_ELEMS = 1024  # half-head elements per program (BLOCK_H * BLOCK_HALF)
@@ -205,7 +206,7 @@ def rotary_embedding(
     block_h = max(1, min(TILE_ELEMS // block_half, triton.next_power_of_2(max(hq, hk))))
     grid = (t, triton.cdiv(hq, block_h) + triton.cdiv(hk, block_h))
     num_warps = max(1, min(8, block_h * block_half // 256))
-    _rotary_kernel[grid](
+    launch(_rotary_kernel, grid,
         positions,
         cos_sin_cache,
         q,

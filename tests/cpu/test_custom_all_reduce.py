@@ -19,6 +19,7 @@ import torch
 import triton  # noqa: F401  (a missing or broken interpreter must fail these tests, not skip)
 from triton.runtime.interpreter import InterpretedFunction
 
+import distllm.ops.pdl as _pdl
 import distllm.ops.triton_all_reduce as _tar
 from distllm.distributed import custom_all_reduce as car_mod
 from distllm.distributed import parallel_state as ps
@@ -40,8 +41,10 @@ from distllm.distributed.custom_all_reduce import (
 def _interpreted_kernels():
     """Another module (tests/gpu/conftest.py) may have switched the kernels to compiled mode."""
     os.environ["TRITON_INTERPRET"] = "1"
-    if not isinstance(_tar.one_shot_all_reduce_kernel, InterpretedFunction):
-        importlib.reload(_tar)
+    # The kernels call ops/pdl's jit helpers, which an earlier test may have imported compiled.
+    for mod, fn in ((_pdl, "pdl_wait"), (_tar, "pdl_wait"), (_tar, "one_shot_all_reduce_kernel")):
+        if not isinstance(getattr(mod, fn), InterpretedFunction):
+            importlib.reload(mod)
     yield
     if _PREV_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
