@@ -101,14 +101,23 @@ class DecodeGraphs:
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, also_precompile: Callable[[], object] | None = None) -> None:
+        """Capture every graph. ``also_precompile``: the caller's own forwards whose kernels
+        compile in the same compile-only pass as the graphs' (never run for real here)."""
         t0 = time.perf_counter()
         shapes = [(bs, ctx) for bs in reversed(self.sizes) for ctx in self._contexts(bs)]
         # The graphs' Triton kernels, compiled side by side before any warm-up runs (ops/launch.py).
         # Batches past PRECOMPILE_MAX_BS (multiples of 16) reach the variants of the largest one;
         # anything missed compiles in its warm-up run, as without this pass.
         some = [(bs, ctx) for bs, ctx in shapes if bs <= PRECOMPILE_MAX_BS or bs == self.max_bs]
-        precompile("CUDA-graph warm-up", self.logits.device, lambda: [self._run(bs, ctx) for bs, ctx in some])
+
+        def forwards() -> None:
+            for bs, ctx in some:
+                self._run(bs, ctx)
+            if also_precompile is not None:
+                also_precompile()
+
+        precompile("CUDA-graph warm-up", self.logits.device, forwards)
         torch.cuda.empty_cache()
         free0 = torch.cuda.mem_get_info()[0]
         for bs, ctx in shapes:  # largest first, so smaller graphs reuse its pool

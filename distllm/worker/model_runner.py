@@ -172,7 +172,34 @@ class ModelRunner:
                 self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len, self.block_size,
                 self.model.spec.vocab_size, self.device,
             )
-            self.graphs.capture()
+            self.graphs.capture(also_precompile=self._first_prefills)
+
+    @torch.inference_mode()
+    def _first_prefills(self) -> None:
+        """Fresh-prompt prefills with the KV cache and their greedy samples, as the first requests
+        run them outside the graphs; run compile-only before capture (ops/launch.py), so that
+        the first token does not wait for these kernels' compiles (~2 s on an H100 for the 8B
+        shape). Two lengths: Triton specializes a token count divisible by 16 apart from others."""
+        from distllm.layers.attention import AttentionMetadata
+        from distllm.ops.dispatch import argmax
+
+        sc = self.config.scheduler_config
+        top = max(2, min(128, sc.max_num_batched_tokens, sc.max_model_len))
+        dev = self.device
+        for n in (top, top - 1):
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(n, dtype=torch.int64, device=dev),
+                block_tables=torch.arange(-(-n // self.block_size), dtype=torch.int32, device=dev).view(1, -1),
+                seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+                max_query_len=n,
+                max_seq_len=n,
+                fresh_prefill_only=True,
+                causal=True,
+            )
+            with forward_context(meta, self.kv_caches):
+                hidden = self.model(torch.zeros(n, dtype=torch.int64, device=dev), torch.arange(n, device=dev))
+            argmax(self.model.compute_logits(hidden[-1:]).float())
 
     # ---- plan diffs ---------------------------------------------------------------------------
 
