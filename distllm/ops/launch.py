@@ -79,10 +79,6 @@ def _threads() -> int:
     return max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
 
-def _is_future(k) -> bool:
-    return type(k).__name__ == "FutureKernel"
-
-
 def _build_launcher(kernel) -> None:
     """Build (into Triton's cache) the C launcher that the kernel's first real launch loads.
     Triton 3.6 compiles one with the C compiler per kernel signature, serially, at that launch;
@@ -98,12 +94,14 @@ def _build_launcher(kernel) -> None:
 def _finish(pas: CompilePass, pool: ThreadPoolExecutor) -> int:
     """After AsyncCompileMode has waited for every compile: build the launchers of kernels not
     yet launched in this process, in the pool; returns how many."""
+    from triton.runtime._async_compile import FutureKernel
+
     pending: dict[int, Any] = {}
     futures: set[int] = set()
     for k in pas.kernels:
         if k is None:  # a jit cache hook took the launch
             continue
-        if _is_future(k):
+        if isinstance(k, FutureKernel):
             futures.add(id(k))
             k = k.result()
         if getattr(k, "module", True) is None:  # never launched: no launcher or binary handle yet
