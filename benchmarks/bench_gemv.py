@@ -3,6 +3,7 @@ inside CUDA graphs (triton.testing.do_bench_cudagraph), bf16, at M = 1, 2, 4 row
 the weight read from HBM (each timed call walks copies of W worth twice the L2).
 
     python benchmarks/bench_gemv.py [--shapes smollm2,qwen3,llama8b] [--ms 1,2,4] [--quick]
+    python benchmarks/bench_gemv.py --gate-up 14336,7168   # the gate/up GEMV with its SiLU epilogue
 
 Per weight shape [N, K]: cuBLAS us, the kernel's default config us, and the best config of a
 sweep (BLOCK_N x BLOCK_K x warps), with GB/s of weight bytes; the last lines say at which M and
@@ -45,9 +46,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer sweep configs")
     ap.add_argument("--large", action="store_true",
                     help="the sweep for large weights: K loops with pipelined loads (num_stages), BLOCK_M rows of x")
+    ap.add_argument("--gate-up", default="",
+                    help="instead: gemv_gate_up (the gate/up GEMV with its SiLU epilogue) vs cuBLAS + SiLU-and-mul, "
+                         "with a tile sweep, for these comma-separated gate/up output sizes N at K=4096 (e.g. 14336,7168)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA device")
+    if a.gate_up:
+        return gate_up_sweep([int(v) for v in a.gate_up.split(",")], 4096)
     ms = [int(v) for v in a.ms.split(",")]
     block_ns = (2, 4, 8, 16) if a.quick else (1, 2, 4, 8, 16, 32)
     block_ks = (256, 1024, 2048) if a.quick else (64, 128, 256, 512, 1024, 2048)
@@ -113,6 +119,55 @@ def main() -> None:
     print("\nbest configs (fam, N, K, M, cublas_us, default_us, best_us, (BLOCK_N, BLOCK_K, warps)):")
     for r in best_rows:
         print(f"  {r[0]}, {r[1]}, {r[2]}, {r[3]}, {r[4]:.2f}, {r[5]:.2f}, {r[6]:.2f}, {r[7]}")
+
+
+def _bench_rotating(one, ws) -> float:
+    """us per call of one(w) over copies of W worth twice the L2 (weights come from HBM)."""
+    import triton.testing
+
+    def fn():
+        for wc in ws:
+            one(wc)
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=20) * 1e3 / len(ws)
+
+
+def gate_up_sweep(ns: list[int], k: int) -> None:
+    """gemv_gate_up's tiles for [2N, K] stacked weights vs cuBLAS then the SiLU-and-mul kernel."""
+    import torch.nn.functional as F
+
+    from distllm.ops import dispatch
+    from distllm.ops import triton_gemv as tg
+
+    configs = list(itertools.product((2, 4, 8, 16), (512, 1024), (4, 8), (3, 4)))
+    print(f"card: {torch.cuda.get_device_name()}; gate/up GEMV + SiLU epilogue, K={k}, M=1; {len(configs)} configs; "
+          f"CUDA-graph timing, weights from HBM", flush=True)
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    gen = torch.Generator().manual_seed(0)
+    for n in ns:
+        w = (torch.randn(2 * n, k, generator=gen) / k**0.5).to(torch.bfloat16).cuda()
+        ws = [w] + [w.clone() for _ in range(max(0, -(-2 * l2_bytes // w.nbytes) - 1))]
+        x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
+        ref = dispatch.silu_and_mul(F.linear(x, w)).float()
+        t_cublas = _bench_rotating(lambda wc: dispatch.silu_and_mul(F.linear(x, wc)), ws)
+        times = []
+        for cfg in configs:
+            try:
+                err = ((tg.gemv_gate_up(x, w, config=cfg).float() - ref).abs().max() / ref.abs().max()).item()
+                if err > 2e-2:
+                    print(f"  ERR {cfg}: rel err {err:.1e}", flush=True)
+                    continue
+                times.append((_bench_rotating(lambda wc: tg.gemv_gate_up(x, wc, config=cfg), ws), cfg))
+            except Exception as e:  # noqa: BLE001 - a config that doesn't compile is skipped
+                print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        times.sort()
+        t_default = _bench_rotating(lambda wc: tg.gemv_gate_up(x, wc), ws)
+        gb = w.nbytes / 1e9
+        print(f"N={n} (weight {2 * n}x{k}): cuBLAS + silu_and_mul {t_cublas:.2f} us ({gb / t_cublas * 1e6:.0f} GB/s); "
+              f"default {gemv_cfg_text(tg.gate_up_config(n, k))} {t_default:.2f} us; best "
+              + ", ".join(f"{gemv_cfg_text(c)} {t:.2f}" for t, c in times[:4]), flush=True)
+        print(f"BEST {n} {','.join(str(v) for v in times[0][1])}", flush=True)
 
 
 def gemv_cfg_text(cfg: tuple) -> str:

@@ -87,6 +87,9 @@ class Attention(nn.Module):
         if caches is not None:
             k_cache, v_cache = caches[self.layer_idx]
             meta = get_attention_metadata()
+            out = self._fused_decode(positions, q, k, v, rotary, q_norm, k_norm, k_cache, v_cache, meta)
+            if out is not None:
+                return out.reshape(t, self.num_heads * self.head_dim)
             q_rot = rotary.rotate_and_store(positions, q, k, v, k_cache, v_cache, meta.slot_mapping, q_norm, k_norm)
             if q_rot is not None:
                 return self._attend(q_rot, None, None, stored=True)
@@ -95,6 +98,35 @@ class Attention(nn.Module):
         else:
             q, k = rotary(positions, q, k)
         return self(q.reshape(t, -1), k.reshape(t, -1), v)
+
+    def _fused_decode(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: "RotaryEmbedding",
+        q_norm: "RMSNorm | None",
+        k_norm: "RMSNorm | None",
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor | None:
+        """A decode batch (one new token per sequence) on CUDA: rotary, KV store and attention
+        in one kernel (ops/triton_decode_attention) -> [T, H, D]; None where it does not apply."""
+        if not (meta.max_query_len == 1 and meta.causal and q.shape[0] == meta.seq_lens.shape[0]):
+            return None
+        norm = rotary.store_kernel_args(q, k, k_cache, meta.slot_mapping, q_norm, k_norm)
+        if norm is None or v.dtype != v_cache.dtype:
+            return None
+        from distllm.ops import triton_decode_attention
+
+        if not triton_decode_attention.ENABLED:
+            return None
+        return triton_decode_attention.decode_attention(
+            q, k, v, positions, rotary.cos_sin_cache, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
+            meta.seq_lens, self.scale, meta.max_seq_len, **norm,
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""

@@ -174,6 +174,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self._load_rows(param, _narrow(loaded, 0, self.tp_rank * size, size), offset, size)
 
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a [gate, up] pair in one decode GEMV (ops/dispatch.gate_up_silu);
+        None where it does not apply (prefill rows, quantized weights, CPU): the caller then
+        runs forward() and applies the activation itself."""
+        if self.qweight is not None or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            return None
+        return dispatch.gate_up_silu(x, self.weight, self.bias)
+
+
 class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections stacked; KV heads are split across ranks, or replicated when
     tp_size > num_kv_heads (each rank then holds the one KV head its query heads use)."""

@@ -95,6 +95,26 @@ class RotaryEmbedding(nn.Module):
             )
         return self(positions, q_norm(q), k_norm(k))
 
+    def store_kernel_args(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        k_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        q_norm: "RMSNorm | None" = None,
+        k_norm: "RMSNorm | None" = None,
+    ) -> dict | None:
+        """The norm arguments ({} without q/k norms) of a kernel that rotates q and k and writes k
+        into the cache (rotate_and_store, the fused decode attention); None where such a kernel
+        does not apply (CPU, fused ops off, mismatched dtypes)."""
+        if not dispatch.use_fused_ops(q) or slot_mapping.shape[0] != q.shape[0] or k_cache.dtype != k.dtype:
+            return None
+        if q_norm is None:
+            return {}
+        if not (q_norm.eps == k_norm.eps and q_norm.weight.dtype == q.dtype and k_norm.weight.dtype == k.dtype):
+            return None
+        return dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps)
+
     def rotate_and_store(
         self,
         positions: torch.Tensor,
@@ -111,13 +131,9 @@ class RotaryEmbedding(nn.Module):
         into the paged KV cache by the same kernel; returns the rotated q [T, H, D]. None where
         that kernel does not apply (CPU, fused ops off, mismatched dtypes): the caller rotates
         and stores in separate steps."""
-        if not dispatch.use_fused_ops(q) or slot_mapping.shape[0] != q.shape[0] or k_cache.dtype != k.dtype:
+        norm = self.store_kernel_args(q, k, k_cache, slot_mapping, q_norm, k_norm)
+        if norm is None:
             return None
-        norm = {}
-        if q_norm is not None:
-            if not (q_norm.eps == k_norm.eps and q_norm.weight.dtype == q.dtype and k_norm.weight.dtype == k.dtype):
-                return None
-            norm = dict(q_weight=q_norm.weight, k_weight=k_norm.weight, eps=q_norm.eps)
         from distllm.ops import triton_rotary
 
         q_rot, _ = triton_rotary.rotary_embedding(

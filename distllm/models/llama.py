@@ -119,7 +119,10 @@ class DecoderMLP(nn.Module):
                                            reduce_results=not fuses_all_reduce(spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # SiLU-and-mul happens inside down_proj (one GEMV launch for both in decode).
+        # Decode: SiLU-and-mul is the gate/up GEMV's epilogue; otherwise down_proj applies it.
+        h = self.gate_up_proj.forward_silu_and_mul(x)
+        if h is not None:
+            return self.down_proj(h)
         return self.down_proj(self.gate_up_proj(x), gated=True)
 
 

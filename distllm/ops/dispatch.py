@@ -93,6 +93,17 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return linear(silu_and_mul(x), weight, bias)
 
 
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """silu_and_mul(x @ weight.T) for a gated MLP's stacked [gate; up] weight, in one GEMV launch
+    for decode rows on CUDA (triton_gemv.gemv_gate_up); None where that kernel does not apply."""
+    if use_triton(x) and not _env_on("DISTLLM_DISABLE_FUSED_OPS"):
+        from distllm.ops import triton_gemv
+
+        if triton_gemv.gate_up_applies(x, weight, bias):
+            return triton_gemv.gemv_gate_up(x, weight)
+    return None
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x [B, V] -> int64 [B], the first index of each row's maximum (torch.argmax(x, -1))."""
     if use_triton(x) and x.dim() == 2:

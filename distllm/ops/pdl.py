@@ -8,7 +8,11 @@ one runs: its programs do the work that depends on nothing (the GEMV's first wei
 wait in ``gdc_wait`` until the previous kernel has finished and its writes are visible.
 
 Rules every kernel here follows when ``USE_PDL`` is set (``pdl_wait`` below):
-* no load of anything a previous kernel writes, and no store at all, before the wait;
+* no load of anything a kernel of the forward writes, and no store at all, before the wait
+  (weights, the step's inputs set before the forward, and KV-cache entries of earlier steps
+  may be loaded: ops/triton_decode_attention loads its first KV tile there);
+* every program reaches the wait, even one with nothing to do (a kernel whose programs all
+  exit without it would let the next one launch before the previous kernel has finished);
 * ``gdc_launch_dependents`` right after the wait, so at most two kernels of the chain are in
   flight (the next one cannot launch before this one's inputs are ready).
 Kernels without PDL in between (cuBLAS, torch ops, NCCL) keep the usual full serialization,

@@ -10,7 +10,9 @@ Used (``dispatch.linear``) for CUDA tensors with M <= MAX_M rows and a weight of
 MAX_WEIGHT_ELEMENTS, and for one row of x against a larger weight of at most MAX_LARGE_N rows:
 cuBLAS runs a 4096 x 4096 GEMV from HBM at ~2.5 TB/s on an H200 where this kernel, streaming K
 in pipelined 1024-wide steps, reaches ~3.0 TB/s; with more rows (an 8B model's fused gate/up,
-LM heads) cuBLAS has parallelism enough and is as fast or faster. cuBLAS everywhere else.
+LM heads) cuBLAS has parallelism enough and is as fast or faster. cuBLAS everywhere else, but
+for a gated MLP's gate/up at one row (``gemv_gate_up``), where SiLU-and-mul as the epilogue
+saves a launch: 55.1 us against cuBLAS + SiLU-and-mul's 61.4 for the 8B shape on an H200.
 ``DISTLLM_GEMV=0`` turns it off; ``DISTLLM_GEMV_TILES=oneshot|table`` picks the tile rule. ``benchmarks/bench_gemv.py`` measures it against cuBLAS and
 prints the figures CONFIGS and the limits come from.
 """
@@ -45,6 +47,16 @@ MAX_WEIGHT_ELEMENTS = int(os.environ.get("DISTLLM_GEMV_MAX_ELEMENTS", str(2 << 2
 # 30.0, 28672x4096 56.9 vs 55.3 and LM heads of 32K-128K rows no faster).
 MAX_LARGE_N = int(os.environ.get("DISTLLM_GEMV_MAX_N", "8192"))
 MAX_LARGE_M = 1
+# A gated MLP's gate/up projection with SiLU-and-mul as its epilogue (gemv_gate_up), at any
+# weight size: it saves the activation's launch and the [gate | up] round trip. Rows of x per
+# launch: at most GATE_UP_MAX_M. DISTLLM_GEMV_GATE_UP=0 turns it off.
+GATE_UP = os.environ.get("DISTLLM_GEMV_GATE_UP", "1").strip().lower() not in ("0", "false", "no", "off")
+GATE_UP_MAX_M = 1
+# Past GATE_UP_NARROW_N outputs, two rows of gate and two of up a program. On an H200 (bench_gemv.py
+# --gate-up, weights from HBM) the 8B gate/up (14336 outputs, K 4096) took 55.1 us so against
+# 58.7 with the plain GEMV's 4-row tiles and 61.4 for cuBLAS + SiLU-and-mul; at 7168 outputs
+# (its TP=2 shard) the two tiles tie (29.9-30.0 us) and TP=2 decode was 1% slower with them.
+GATE_UP_NARROW_N, GATE_UP_NARROW_TILES = 8192, (2, 1024, 4, 4)
 # Large weights: 1024-wide K steps, 4 stages of loads in flight; BLOCK_N 8 for up to 4096 rows
 # (fewer, longer programs) and 4 above. Up to LARGE_ONESHOT_MAX_N rows the one-shot tiles keep
 # more programs (TP=4 qkv shard 1536x4096: 5.7 us vs 6.4 us streaming).
@@ -112,6 +124,45 @@ def _gemv_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _gemv_gate_up_kernel(
+    x_ptr, wg_ptr, wu_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """y[m, n] = silu(x[m] . W[n]) * (x[m] . W[N + n]) for the program's BLOCK_N values of n:
+    W is a gated MLP's stacked [gate; up] (2N rows). Each program streams its gate rows and
+    the matching up rows, so the activation is the epilogue: no [gate | up] round trip through
+    memory and no SiLU-and-mul launch. Rounded as the unfused path rounds: gate and up to x's
+    dtype, then silu_mul. The first K step's weight tiles are loaded before the PDL wait."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    g_rows = wg_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+    u_rows = wu_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_row = x_ptr + m * stride_xm
+    mask_k = offs_k < K
+    wmask = mask_n[:, None] & mask_k[None, :]
+    wg = tl.load(g_rows + offs_k[None, :], mask=wmask, other=0.0)  # [BN, BK]
+    wu = tl.load(u_rows + offs_k[None, :], mask=wmask, other=0.0)
+    pdl_wait(USE_PDL)
+    x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+    acc_g = wg.to(tl.float32) * x
+    acc_u = wu.to(tl.float32) * x
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        wmask = mask_n[:, None] & mask_k[None, :]
+        x = tl.load(x_row + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(g_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+        acc_u += tl.load(u_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+    ty = y_ptr.dtype.element_ty
+    gate = tl.sum(acc_g, axis=1).to(ty).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(ty).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, silu_mul(gate, up, ty), mask=mask_n)
+
+
 def gemv_config(n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps[, num_stages]) for an [N, K] weight (TILES: "oneshot" or
     "table" for weights up to MAX_WEIGHT_ELEMENTS; streaming tiles above)."""
@@ -168,4 +219,43 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, **extra,
         GATED=gated, **launch_options(use_pdl(x)),
     )
+    return y
+
+
+def gate_up_config(n: int, k: int) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_K, num_warps[, num_stages]) for gemv_gate_up with n outputs: each program
+    streams 2 x BLOCK_N rows, so the plain GEMV's tiles for n rows. DISTLLM_GEMV_GATE_UP_TILES
+    = "BN,BK,warps,stages" overrides them (benchmarks/bench_gemv.py --gate-up sweeps them)."""
+    forced = os.environ.get("DISTLLM_GEMV_GATE_UP_TILES", "").strip()
+    if forced:
+        return tuple(int(v) for v in forced.split(","))
+    if n * k > MAX_WEIGHT_ELEMENTS and n > GATE_UP_NARROW_N:
+        return GATE_UP_NARROW_TILES
+    return gemv_config(n, k)
+
+
+def gate_up_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Is silu_and_mul(x @ weight.T) one gemv_gate_up should take? (weight = [gate; up])"""
+    return (
+        GATE_UP and ENABLED and bias is None and x.dim() == 2 and weight.dim() == 2
+        and 0 < x.shape[0] <= GATE_UP_MAX_M and weight.shape[0] % 2 == 0 and x.shape[1] == weight.shape[1]
+        and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.stride(1) == 1 and x.stride(1) == 1
+    )
+
+
+def gemv_gate_up(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) -> [M, N] for weight = [gate; up] ([2N, K]): the gated MLP's
+    first projection and its activation in one launch (see _gemv_gate_up_kernel)."""
+    m, k = x.shape
+    n2, kw = weight.shape
+    if kw != k or n2 % 2:
+        raise ValueError(f"x is [{m}, {k}] but the stacked [gate; up] weight is {tuple(weight.shape)}")
+    n = n2 // 2
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps, *rest = config or gate_up_config(n, k)
+    extra = {"num_stages": rest[0]} if rest and rest[0] else {}
+    launch(_gemv_gate_up_kernel, (triton.cdiv(n, block_n), m),
+           x, weight[:n], weight[n:], y, n, k, x.stride(0), weight.stride(0), y.stride(0),
+           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **extra, **launch_options(use_pdl(x)))
     return y

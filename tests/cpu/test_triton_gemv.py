@@ -213,3 +213,47 @@ def test_dispatch_gated_linear_routes(monkeypatch):
     ref = dispatch.silu_and_mul_linear(gu.float(), w.float())  # CPU: torch
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
 
+
+
+@pytest.mark.parametrize("n,k", [(9, 40), (33, 100), (19, 300), (64, 576)])
+@pytest.mark.parametrize("config", [None, (4, 64, 2), (8, 32, 4, 2)])
+def test_gate_up_equals_gemv_then_silu_and_mul(n, k, config):
+    """weight = [gate; up]: the epilogue rounds gate and up to x's dtype, then silu_mul, as the
+    unfused path (GEMV of both halves, then the SiLU-and-mul kernel) does: bit-identical."""
+    g = torch.Generator().manual_seed(n + k)
+    x = (torch.randn(1, k, generator=g) * 2).to(torch.float16)
+    w = (torch.randn(2 * n, k, generator=g) / k**0.5).to(torch.float16)
+    fused = _tg.gemv_gate_up(x, w, config=config)
+    two = _act.silu_and_mul(_tg.gemv(x, w, config=config))
+    assert fused.shape == (1, n) and torch.equal(fused, two)
+    gu = _ref(x, w)
+    torch.testing.assert_close(fused.float(), torch.nn.functional.silu(gu[:, :n]) * gu[:, n:], rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="gate; up"):
+        _tg.gemv_gate_up(x, w[:-1])
+
+
+def test_gate_up_layer_routes(monkeypatch):
+    """MergedColumnParallelLinear.forward_silu_and_mul: the fused GEMV for one fp16/bf16 row on a
+    Triton device, None for prefill rows, CPU tensors, a bias, or with it turned off."""
+    from distllm.layers.linear import MergedColumnParallelLinear
+
+    monkeypatch.setattr(_tg, "ENABLED", True)
+    monkeypatch.setattr(_tg, "GATE_UP", True)
+    lin = MergedColumnParallelLinear(48, [20, 20], dtype=torch.float16)
+    lin.weight.data.copy_((torch.randn(40, 48, generator=torch.Generator().manual_seed(1)) / 7).half())
+    x = torch.randn(1, 48, generator=torch.Generator().manual_seed(2)).half()
+    assert lin.forward_silu_and_mul(x) is None  # CPU tensors: the caller's path
+    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
+    y = lin.forward_silu_and_mul(x)
+    assert torch.equal(y, _act.silu_and_mul(lin(x)))
+    assert lin.forward_silu_and_mul(torch.cat([x, x])) is None  # two rows: not decode at batch 1
+    monkeypatch.setattr(_tg, "GATE_UP", False)
+    assert lin.forward_silu_and_mul(x) is None
+
+
+def test_gate_up_tiles(monkeypatch):
+    assert _tg.gate_up_config(14336, 4096) == _tg.GATE_UP_NARROW_TILES
+    assert _tg.gate_up_config(7168, 4096) == _tg.gemv_config(7168, 4096)
+    assert _tg.gate_up_config(1536, 576) == _tg.gemv_config(1536, 576)
+    monkeypatch.setenv("DISTLLM_GEMV_GATE_UP_TILES", "8,512,4,3")
+    assert _tg.gate_up_config(14336, 4096) == (8, 512, 4, 3)

@@ -101,6 +101,20 @@ def test_gated_gemv_on_equals_off(tiny_models, monkeypatch):
     assert on == off
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_gate_up_gemv_on_equals_off(tiny_models, kind, monkeypatch):
+    """SiLU-and-mul as the gate/up GEMV's epilogue (DISTLLM_GEMV_GATE_UP) sums each row as the
+    plain decode GEMV does and rounds as the SiLU-and-mul kernel does: same bf16 greedy tokens."""
+    from distllm.ops import triton_gemv
+
+    kw = dict(device="cuda", dtype="bfloat16", gpu_memory_utilization=0.3)
+    monkeypatch.setattr(triton_gemv, "GATE_UP", False)
+    off = _greedy(tiny_models[kind], **kw)
+    monkeypatch.setattr(triton_gemv, "GATE_UP", True)
+    on = _greedy(tiny_models[kind], **kw)
+    assert on == off
+
+
 def test_short_context_graphs_equal_cpu(tiny_models, tmp_path):
     """With max_model_len past worker/cuda_graph.SHORT_CONTEXT, small decode batches replay a
     graph made for short contexts while every context fits it, and the max_model_len graph
