@@ -173,7 +173,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         self._load_rows(param, _narrow(loaded, 0, self.tp_rank * size, size), offset, size)
 
-
     def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up of a [gate, up] pair in one decode GEMV (ops/dispatch.gate_up_silu);
         None where it does not apply (prefill rows, quantized weights, CPU): the caller then
