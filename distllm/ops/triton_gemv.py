@@ -52,6 +52,12 @@ MAX_LARGE_M = 1
 # launch: at most GATE_UP_MAX_M. DISTLLM_GEMV_GATE_UP=0 turns it off.
 GATE_UP = os.environ.get("DISTLLM_GEMV_GATE_UP", "1").strip().lower() not in ("0", "false", "no", "off")
 GATE_UP_MAX_M = 1
+# A large gate (N x K past MAX_WEIGHT_ELEMENTS) takes the kernel only with more than
+# GATE_UP_MIN_LARGE_N outputs; below, the plain GEMV's tiles are 8 rows (16 rows of [gate; up]
+# a program) and cuBLAS + SiLU-and-mul was faster: Llama-3.1-8B at TP=4 (a 3584 x 4096 shard),
+# 4 x H200, bench_tp_decode.py: 538.1 tok/s with DISTLLM_GEMV_GATE_UP=0 against 493.0 / 493.6.
+# Forced tiles (DISTLLM_GEMV_GATE_UP_TILES) lift this limit, so that other tiles can be measured there.
+GATE_UP_MIN_LARGE_N = 4096
 # Past GATE_UP_NARROW_N outputs, two rows of gate and two of up a program. On an H200 (bench_gemv.py
 # --gate-up, weights from HBM) the 8B gate/up (14336 outputs, K 4096) took 55.1 us so against
 # 58.7 with the plain GEMV's 4-row tiles and 61.4 for cuBLAS + SiLU-and-mul; at 7168 outputs
@@ -234,11 +240,18 @@ def gate_up_config(n: int, k: int) -> tuple[int, ...]:
     return gemv_config(n, k)
 
 
+def _gate_up_size_ok(n: int, k: int) -> bool:
+    """Small gates, large ones past GATE_UP_MIN_LARGE_N outputs, and any size with forced tiles."""
+    forced = bool(os.environ.get("DISTLLM_GEMV_GATE_UP_TILES", "").strip())
+    return n * k <= MAX_WEIGHT_ELEMENTS or n > GATE_UP_MIN_LARGE_N or forced
+
+
 def gate_up_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Is silu_and_mul(x @ weight.T) one gemv_gate_up should take? (weight = [gate; up])"""
     return (
         GATE_UP and ENABLED and bias is None and x.dim() == 2 and weight.dim() == 2
         and 0 < x.shape[0] <= GATE_UP_MAX_M and weight.shape[0] % 2 == 0 and x.shape[1] == weight.shape[1]
+        and _gate_up_size_ok(weight.shape[0] // 2, weight.shape[1])
         and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
         and weight.stride(1) == 1 and x.stride(1) == 1
     )

@@ -251,6 +251,21 @@ def test_gate_up_layer_routes(monkeypatch):
     assert lin.forward_silu_and_mul(x) is None
 
 
+def test_gate_up_takes_large_weights_past_4096_outputs(monkeypatch):
+    """Large gate/up weights with up to GATE_UP_MIN_LARGE_N outputs (Llama-8B's TP=4 shard:
+    3584 x 4096) stay on cuBLAS + SiLU-and-mul, where that was faster; more outputs (its TP=1 and
+    TP=2 shards) and small weights (SmolLM2's 1536 x 576) take the kernel."""
+    monkeypatch.setattr(_tg, "ENABLED", True)
+    monkeypatch.setattr(_tg, "GATE_UP", True)
+    x = torch.empty(1, 4096, dtype=torch.bfloat16)
+    for n, fused in [(14336, True), (7168, True), (4097, True), (3584, False), (4096, False)]:
+        assert _tg.gate_up_applies(x, torch.empty(2 * n, 4096, dtype=torch.bfloat16), None) is fused, n
+    monkeypatch.setenv("DISTLLM_GEMV_GATE_UP_TILES", "2,1024,4,4")  # forced tiles: measurable at any size
+    assert _tg.gate_up_applies(x, torch.empty(2 * 3584, 4096, dtype=torch.bfloat16), None)
+    x = torch.empty(1, 576, dtype=torch.bfloat16)
+    assert _tg.gate_up_applies(x, torch.empty(2 * 1536, 576, dtype=torch.bfloat16), None)
+
+
 def test_gate_up_tiles(monkeypatch):
     assert _tg.gate_up_config(14336, 4096) == _tg.GATE_UP_NARROW_TILES
     assert _tg.gate_up_config(7168, 4096) == _tg.gemv_config(7168, 4096)
