@@ -10,6 +10,10 @@ so rank skew is not counted. Rank 0 prints the card, a table, and (with --out) w
 
 The custom path is timed at every size its buffer holds, whether or not the engine would take
 it there (custom_all_reduce.DEFAULT_MAX_BYTES): this table is what that limit is tuned from.
+
+A second table times what decode runs after each row-parallel layer, the all-reduce fused with
+the residual add and RMSNorm, on rows of --hidden bf16 (--norm-rows), with the flag kernel and
+with the flag-in-word one (ops/triton_all_reduce_ll, DISTLLM_ALL_REDUCE_LL), in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -87,7 +91,33 @@ def _time_graph(fn, x, dev) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: str | None) -> None:
+def _fused_norm_rows(car, norm_rows: list[int], hidden: int, dev) -> list[dict]:
+    """Graph µs of all_reduce_add_rms_norm per row count, flag kernel vs LL (every rank sets
+    car.use_ll alike, as the engine's agreement would), each checked first against NCCL."""
+    from distllm.ops.triton_all_reduce_ll import fits
+
+    rows_out = []
+    w = torch.ones(hidden, dtype=torch.bfloat16, device=dev)
+    for rows in norm_rows:
+        x = torch.zeros(rows, hidden, dtype=torch.bfloat16, device=dev)
+        row = {"rows": rows, "hidden": hidden}
+        for ll in (False, True):
+            if ll and not fits(rows, hidden, 2):
+                continue
+            car.use_ll = ll
+            name = "ll" if ll else "flag"
+            v = torch.randint(-8, 9, x.shape, device=dev).to(x.dtype)
+            want = v.clone()
+            dist.all_reduce(want)
+            row[f"{name}_matches_nccl"] = bool(torch.equal(car.all_reduce_add_rms_norm(v, torch.zeros_like(v), w, 1e-5)[1], want))
+            row[f"{name}_graph_us"] = _time_graph(lambda t: car.all_reduce_add_rms_norm(t, t, w, 1e-5), x, dev)
+        car.use_ll = False
+        rows_out.append(row)
+    return rows_out
+
+
+def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: str | None,
+            norm_rows: list[int] | None = None, hidden: int = 4096) -> None:
     from distllm.distributed.custom_all_reduce import BUFFER_BYTES, init_custom_all_reduce
 
     torch.cuda.set_device(rank)
@@ -112,11 +142,16 @@ def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: s
             row["custom_graph_us"] = _time_graph(car.all_reduce, x, dev)
             row["custom_used_by_engine"] = car.should_use(x)
         rows.append(row)
+    norm = _fused_norm_rows(car, norm_rows or [], hidden, dev) if car is not None else []
     if car is not None:
         torch.cuda.synchronize()
         assert car.errors() == 0, "custom all-reduce barrier timed out"
     if rank == 0:
         _report(world, rows, car is not None, out_path)
+        for r in norm:
+            print(f"all-reduce + add + RMSNorm, {r['rows']} x {r['hidden']} bf16, graph µs: flag kernel "
+                  f"{_fmt(r['flag_graph_us']).strip()} (== NCCL: {r['flag_matches_nccl']}), LL "
+                  f"{_fmt(r.get('ll_graph_us')).strip()} (== NCCL: {r.get('ll_matches_nccl', '-')})")
     _barrier(dev)
     dist.destroy_process_group()
 
@@ -155,13 +190,16 @@ def main() -> None:
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--sizes", default="8K,64K,2M", help="message sizes in bytes (K, M suffixes)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--norm-rows", default="1,8", help="row counts for the fused all-reduce + norm table ('' = none)")
+    ap.add_argument("--hidden", type=int, default=4096, help="row width of that table")
     args = ap.parse_args()
     if torch.cuda.device_count() < args.world_size:
         sys.exit(f"needs {args.world_size} GPUs, have {torch.cuda.device_count()}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(args.world_size, os.path.join(d, "init"), sizes, args.out),
+        norm_rows = [int(r) for r in args.norm_rows.split(",") if r.strip()]
+        mp.spawn(_worker, args=(args.world_size, os.path.join(d, "init"), sizes, args.out, norm_rows, args.hidden),
                  nprocs=args.world_size, join=True)
 
 

@@ -51,6 +51,9 @@ ENV_DISABLE = "DISTLLM_DISABLE_CUSTOM_ALLREDUCE"
 # "0" turns the path off, like ENV_DISABLE (kept for scripts written when it was opt-in).
 ENV_ENABLE = "DISTLLM_CUSTOM_ALLREDUCE"
 ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
+# "1": decode rows' all-reduce + add + RMSNorm through the flag-in-word kernel
+# (ops/triton_all_reduce_ll); off until measured on a GPU. Used only when every rank sets it.
+ENV_LL = "DISTLLM_ALL_REDUCE_LL"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -82,6 +85,11 @@ def max_bytes_for(world_size: int, env: Mapping[str, str] = os.environ) -> int:
     raw = env.get(ENV_MAX_BYTES, "").strip()
     limit = int(raw) if raw else DEFAULT_MAX_BYTES.get(world_size, 0)
     return max(0, min(limit, BUFFER_BYTES))
+
+
+def ll_requested(env: Mapping[str, str] = os.environ) -> bool:
+    """Does this rank ask for the flag-in-word kernel (ENV_LL)? Used when every rank does."""
+    return _env_flag(env, ENV_LL)
 
 
 def unsupported_reason(device_type: str, world_size: int, env: Mapping[str, str] = os.environ) -> str | None:
@@ -174,18 +182,23 @@ class CustomAllReduce:
     state: torch.Tensor = field(default=None)  # int64[2]: the kernel's sequence number (local)
     _data: dict = field(default_factory=dict)
     flag_addrs: torch.Tensor = field(default=None)  # int64[W]: every rank's flags
+    use_ll: bool = False  # decode rows through the flag-in-word kernel (ops/triton_all_reduce_ll)
 
     def __post_init__(self) -> None:
-        from distllm.ops.triton_all_reduce import data_bytes
+        from distllm.ops.triton_all_reduce import data_bytes, flag_words
+        from distllm.ops.triton_all_reduce_ll import region_bytes
 
         if self.err is None:
             self.err = torch.zeros(1, dtype=torch.int32, device=self.device)
         if self.state is None:
             self.state = torch.zeros(2, dtype=torch.int64, device=self.device)
-        # Flags follow the data slots in every rank's buffer.
+        # Every rank's buffer: data slots, then flags, then the LL region (buffer_bytes()).
         self.data_bytes = data_bytes(self.world_size, BUFFER_BYTES)
         addrs = [b.data_ptr() + self.data_bytes for b in self.peers_u8]
         self.flag_addrs = torch.tensor(addrs, dtype=torch.int64, device=self.device)
+        ll_start = self.data_bytes + 8 * flag_words(self.world_size)
+        ll_end = ll_start + region_bytes(self.world_size)
+        self.ll_bufs = tuple(b[ll_start:ll_end].view(torch.int64) for b in self.peers_u8)
 
     def _bufs(self, dtype: torch.dtype) -> tuple:
         bufs = self._data.get(dtype)
@@ -235,9 +248,14 @@ class CustomAllReduce:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(sum of x + residual), sum of x + residual), fresh tensors, in one kernel
         (see should_use_fused_norm). Graph-safe like all_reduce."""
+        from distllm.ops import triton_all_reduce_ll as ll
         from distllm.ops.triton_all_reduce import launch_all_reduce_add_rms_norm
 
         out, res_out = torch.empty_like(x), torch.empty_like(x)
+        if self.use_ll and ll.fits(x.shape[0], x.shape[1], x.element_size()) and x.data_ptr() % 4 == 0:
+            ll.launch_ll_all_reduce_add_rms_norm(x, residual, weight, eps, out, res_out, self.ll_bufs, self.state,
+                                                 self.err, self.rank, self.max_spin)
+            return out, res_out
         launch_all_reduce_add_rms_norm(x, residual, weight, eps, out, res_out, self._bufs(x.dtype), self.flag_addrs,
                                        self.state, self.err, self.rank, self.max_spin)
         return out, res_out
@@ -248,7 +266,15 @@ class CustomAllReduce:
 
     def close(self) -> None:
         self._data.clear()
-        self.peers_u8, self.flag_addrs, self.handle, self.state = (), None, None, None
+        self.peers_u8, self.flag_addrs, self.handle, self.state, self.ll_bufs = (), None, None, None, ()
+
+
+def buffer_bytes(world_size: int) -> int:
+    """Bytes of one rank's symmetric buffer: the data slots, the flags, the LL region."""
+    from distllm.ops.triton_all_reduce import data_bytes, flag_words
+    from distllm.ops.triton_all_reduce_ll import region_bytes
+
+    return data_bytes(world_size, BUFFER_BYTES) + 8 * flag_words(world_size) + region_bytes(world_size)
 
 
 def _symmetric_buffer(nbytes: int, group, rank: int, world_size: int, device: torch.device):
@@ -312,6 +338,33 @@ def _self_test(car: CustomAllReduce) -> str | None:
         if not torch.equal(got, want):
             bad = (got != want).nonzero()[:4].flatten().tolist()
             return f"self-test: wrong sum for {n} bf16 elements at {bad}"
+    return _self_test_ll(car) if car.use_ll else None
+
+
+def _ll_self_test_shapes() -> list[tuple[int, int]]:
+    return [(1, 4096), (3, 576)]
+
+
+def _self_test_ll(car: CustomAllReduce) -> str | None:
+    """The LL kernel, after the flag kernel's calls above (they share the call count): exact
+    sums of small integers in the residual output (residual 0), twice with changed inputs."""
+    dev = car.device
+    ranks = torch.arange(car.world_size, device=dev).view(-1, 1, 1)
+    results = []
+    for salt in (1, 2):
+        for rows, n in _ll_self_test_shapes():
+            i = torch.arange(rows * n, device=dev).view(1, rows, n)
+            table = ((i * (ranks + 2) + ranks + salt) % 13 - 6).to(torch.bfloat16)  # [W, rows, n]
+            want = table.float().sum(0).to(torch.bfloat16)
+            zero, ones = torch.zeros_like(table[0]), torch.ones(n, dtype=torch.bfloat16, device=dev)
+            out, res = car.all_reduce_add_rms_norm(table[car.rank].contiguous(), zero, ones, 1e-5)
+            results.append((res, out, want, (rows, n)))
+    torch.cuda.synchronize(dev)
+    if car.errors():
+        return f"LL self-test: {car.errors()} waits timed out"
+    for res, out, want, shape in results:
+        if not torch.equal(res, want) or not bool(torch.isfinite(out).all()):
+            return f"LL self-test: wrong sum for {shape} bf16 rows"
     return None
 
 
@@ -329,6 +382,15 @@ def _precompile(car: CustomAllReduce) -> None:
             bufs = car._bufs(x.dtype)
             warmup(x, x, bufs, car.flag_addrs, car.state, car.err, n, bufs[0].numel() // (2 * car.world_size),
                    car.max_spin, **one_shot_options(car.rank, car.world_size, x), grid=(1,))
+        if car.use_ll:
+            from distllm.ops.triton_all_reduce_ll import ll_all_reduce_add_rms_norm_kernel, ll_options
+
+            for rows, n in _ll_self_test_shapes():
+                x = torch.empty(rows, n, dtype=torch.bfloat16, device=car.device)
+                ll_all_reduce_add_rms_norm_kernel.warmup(
+                    x, x, x[0], x, x, car.ll_bufs, car.state, car.err, rows, n, 1e-5,
+                    car.ll_bufs[0].numel() // (2 * car.world_size), car.max_spin,
+                    **ll_options(car.rank, car.world_size, x), grid=(1,))
     except Exception as e:  # noqa: BLE001 - only an optimisation: the first launch compiles
         logger.debug("custom all-reduce: precompile skipped: %s", e)
 
@@ -352,12 +414,13 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     # the custom path on one rank and NCCL on another would hang both.
     host = zlib.crc32(os.uname().nodename.encode())
     index = -1 if device.index is None else device.index
-    info = torch.tensor([host, index, max_bytes_for(world_size)], dtype=torch.int64, device=device)
+    info = torch.tensor([host, index, max_bytes_for(world_size), int(ll_requested())], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(info) for _ in range(world_size)]
     dist.all_gather(gathered, info, group=group)
     hosts = [int(t[0]) for t in gathered]
     devices = [int(t[1]) for t in gathered]
     max_bytes = min(int(t[2]) for t in gathered)
+    use_ll = all(int(t[3]) for t in gathered)  # every rank, or none: a mix would wait forever
     if reason is None:
         reason = topology_reason(hosts, devices, rank, torch.cuda.can_device_access_peer)
     if reason is None:
@@ -369,12 +432,9 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     # 2. Symmetric memory (and the kernel module: a Triton that fails to import means NCCL).
     car, offset = None, 0
     try:
-        from distllm.ops.triton_all_reduce import data_bytes, flag_words
-
-        nbytes = data_bytes(world_size, BUFFER_BYTES) + 8 * flag_words(world_size)
-        hdl, views, offset = _symmetric_buffer(nbytes, group, rank, world_size, device)
+        hdl, views, offset = _symmetric_buffer(buffer_bytes(world_size), group, rank, world_size, device)
         car = CustomAllReduce(rank=rank, world_size=world_size, device=device, max_bytes=max_bytes,
-                              peers_u8=views, handle=hdl)
+                              peers_u8=views, handle=hdl, use_ll=use_ll)
     except Exception as e:  # noqa: BLE001 - any failure here means NCCL only
         reason = f"symmetric memory: {type(e).__name__}: {e}"
     offsets = torch.tensor([offset], dtype=torch.int64, device=device)
@@ -401,8 +461,9 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
         car.close()
         return None
     if rank == 0:
-        logger.info("custom all-reduce on: one-shot over NVLink, %d ranks, messages <= %d KB (larger: NCCL)",
-                    world_size, car.max_bytes >> 10)
+        logger.info("custom all-reduce on: one-shot over NVLink, %d ranks, messages <= %d KB (larger: NCCL)%s",
+                    world_size, car.max_bytes >> 10,
+                    "; decode rows' all-reduce + norm with the flag in every word (LL)" if car.use_ll else "")
     return car
 
 

@@ -1,5 +1,6 @@
 """Custom all-reduce: the decisions (when it may be used, when NCCL stays), and the one-shot
-Triton kernel under the interpreter, with the peers simulated in one process.
+and flag-in-word (LL) Triton kernels under the interpreter, with the peers simulated in one
+process.
 
 A simulated rank sees its peers' buffers as local tensors already holding their inputs, and
 its own mailboxes already holding the peers' signals (as if they had arrived first); after
@@ -21,6 +22,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 import distllm.ops.pdl as _pdl
 import distllm.ops.triton_all_reduce as _tar
+import distllm.ops.triton_all_reduce_ll as _ll
 from distllm.distributed import custom_all_reduce as car_mod
 from distllm.distributed import parallel_state as ps
 from distllm.distributed.custom_all_reduce import (
@@ -35,6 +37,7 @@ from distllm.distributed.custom_all_reduce import (
     topology_reason,
     unsupported_reason,
 )
+from distllm.ops.fused_ref import fused_add_rms_norm_ref
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,7 +45,8 @@ def _interpreted_kernels():
     """Another module (tests/gpu/conftest.py) may have switched the kernels to compiled mode."""
     os.environ["TRITON_INTERPRET"] = "1"
     # The kernels call ops/pdl's jit helpers, which an earlier test may have imported compiled.
-    for mod, fn in ((_pdl, "pdl_wait"), (_tar, "pdl_wait"), (_tar, "one_shot_all_reduce_kernel")):
+    for mod, fn in ((_pdl, "pdl_wait"), (_tar, "pdl_wait"), (_tar, "one_shot_all_reduce_kernel"),
+                    (_ll, "ll_all_reduce_add_rms_norm_kernel")):
         if not isinstance(getattr(mod, fn), InterpretedFunction):
             importlib.reload(mod)
     yield
@@ -125,8 +129,7 @@ def test_enable_for_tp_is_a_no_op_at_tp1():
 
 
 def _fake_car(world: int = 2, rank: int = 0, max_bytes: int = 64 << 10) -> CustomAllReduce:
-    nbytes = _tar.data_bytes(world, BUFFER_BYTES) + 8 * _tar.flag_words(world)
-    peers = tuple(torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world))
+    peers = tuple(torch.zeros(car_mod.buffer_bytes(world), dtype=torch.uint8) for _ in range(world))
     return CustomAllReduce(rank=rank, world_size=world, device=torch.device("cpu"), max_bytes=max_bytes,
                            peers_u8=peers)
 
@@ -286,8 +289,6 @@ def test_all_reduce_add_rms_norm(world, rank, dtype, rows, n):
     rms_norm(sum + residual) and sum + residual, as the all-reduce then the fused norm give.
     (fp16, not bf16: the interpreter truncates float32 -> bfloat16 where GPUs round; bf16 is
     checked compiled in tests/gpu.)"""
-    from distllm.ops.fused_ref import fused_add_rms_norm_ref
-
     g = torch.Generator().manual_seed(rows * n + world)
     xs = [(torch.randn(rows, n, generator=g)).to(dtype) for _ in range(world)]
     residual = torch.randn(rows, n, generator=g).to(dtype)
@@ -355,7 +356,8 @@ def test_custom_all_reduce_layout():
     car = _fake_car(world, rank)
     slot = BUFFER_BYTES // 2
     mine = car.peers_u8[rank]
-    flags = mine[_tar.data_bytes(world, BUFFER_BYTES):].view(torch.int64).view(world, _tar.MAX_BLOCKS)
+    start = _tar.data_bytes(world, BUFFER_BYTES)
+    flags = mine[start: start + 8 * _tar.flag_words(world)].view(torch.int64).view(world, _tar.MAX_BLOCKS)
     for call in (1, 2):
         xs = _inputs(world, n, torch.float16, seed=4 + call)
         mine[: 2 * world * BUFFER_BYTES].view(torch.float16).view(2, world, slot)[call % 2, 0, :n] = xs[0]
@@ -366,6 +368,113 @@ def test_custom_all_reduce_layout():
         peer = car.peers_u8[0][: 2 * world * BUFFER_BYTES].view(torch.float16).view(2, world, slot)
         assert torch.equal(peer[call % 2, rank, :n], xs[rank])
     assert car.errors() == 0 and car.state.tolist() == [2, 0]
+
+
+def test_custom_all_reduce_ll_layout():
+    """With use_ll, decode rows' all-reduce + norm goes through the LL region after the flags
+    (int64 words [parity][sender][slot]), and counts calls with the flag kernel: a plain
+    all-reduce (call 1), then an LL call (call 2, parity 0); rows too large for the LL slots
+    take the flag kernel."""
+    from distllm.ops import triton_all_reduce_ll as ll
+    world, rank, rows, n = 2, 0, 2, 64
+    car = _fake_car(world, rank)
+    car.use_ll = True
+    start = _tar.data_bytes(world, BUFFER_BYTES) + 8 * _tar.flag_words(world)
+    region = car.peers_u8[rank][start: start + _ll.region_bytes(world)].view(torch.int64)
+    assert region.data_ptr() == car.ll_bufs[rank].data_ptr() and region.numel() == car.ll_bufs[rank].numel()
+    car.state[0] = 1  # as after one plain all-reduce
+    xs = [t.view(rows, n) for t in _inputs(world, rows * n, torch.float16, seed=11)]
+    bits = xs[1].view(torch.int32).flatten().to(torch.int64) & 0xFFFFFFFF
+    region.view(2, world, _ll.LL_SLOT_WORDS)[0, 1, : rows * n // 2] = ((2 % (2**31 - 1) + 1) << 32) | bits
+    res, w = torch.zeros(rows, n, dtype=torch.float16), torch.ones(n, dtype=torch.float16)
+    out, res_out = car.all_reduce_add_rms_norm(xs[0], res, w, 1e-5)
+    assert car.errors() == 0 and car.state.tolist() == [2, 0]
+    assert torch.equal(res_out, xs[0] + xs[1])
+    torch.testing.assert_close(out, fused_add_rms_norm_ref(xs[0] + xs[1], res, w, 1e-5)[0], rtol=2e-3, atol=2e-3)
+    peer = car.ll_bufs[1].view(2, world, _ll.LL_SLOT_WORDS)[0, 0, : rows * n // 2]
+    assert torch.equal(peer & 0xFFFFFFFF, xs[0].view(torch.int32).flatten().to(torch.int64) & 0xFFFFFFFF)
+    assert not _ll.fits(17, 4096, 2)  # such rows would take the flag kernel
+
+
+# --- the flag-in-word (LL) kernel: this rank's LL region already holds the peers' words -----
+
+def _flag(seq: int) -> int:
+    return seq % (2**31 - 1) + 1
+
+
+def _words(x: torch.Tensor, seq: int) -> torch.Tensor:
+    """x [rows, N] (16-bit) as LL words: the call's flag over each pair of elements' bits."""
+    bits = x.contiguous().view(torch.int32).flatten().to(torch.int64) & 0xFFFFFFFF
+    return (_flag(seq) << 32) | bits
+
+
+def _setup(world, rank, rows, n, seq, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(rows, n, generator=g).half() for _ in range(world)]
+    residual = torch.randn(rows, n, generator=g).half()
+    w = (torch.rand(n, generator=g) + 0.5).half()
+    slot = rows * n // 2 + 5
+    regions = [torch.zeros(2 * world * slot, dtype=torch.int64) for _ in range(world)]
+    for p in range(world):
+        if p != rank:
+            regions[rank].view(2, world, slot)[seq % 2, p, : rows * n // 2] = _words(xs[p], seq)
+    return xs, residual, w, slot, regions
+
+
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
+@pytest.mark.parametrize("rows,n", [(1, 576), (3, 64), (_tar.MAX_BLOCKS + 3, 16), (2, 90)])
+def test_ll_all_reduce_add_rms_norm(world, rank, rows, n):
+    """Outputs as the all-reduce then the fused norm give; this rank's words pushed to every
+    peer with the call's flag; the words it read cleared; the call counted."""
+    seq = 7
+    xs, residual, w, slot, regions = _setup(world, rank, rows, n, seq, seed=rows * n + world + rank)
+    state = torch.tensor([seq - 1, 0], dtype=torch.int64)
+    err = torch.zeros(1, dtype=torch.int32)
+    out, res_out = torch.empty_like(residual), torch.empty_like(residual)
+    _ll.launch_ll_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(regions), state, err,
+                                          rank, 100)
+    total = xs[0].float()
+    for x in xs[1:]:
+        total = total + x.float()
+    want_out, want_res = fused_add_rms_norm_ref(total.half(), residual, w, 1e-5)
+    assert int(err) == 0 and state.tolist() == [seq, 0]
+    assert torch.equal(res_out, want_res)
+    assert (out == want_out).float().mean() > 0.97  # the sum of squares in another order
+    torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-3, atol=2e-3)
+    used = rows * n // 2
+    for p in range(world):
+        slots = regions[p].view(2, world, slot)
+        if p == rank:
+            assert slots[seq % 2, :, :used].eq(0).all()  # read, then cleared
+        else:
+            assert torch.equal(slots[seq % 2, rank, :used], _words(xs[rank], seq))
+            assert slots[1 - seq % 2].eq(0).all()  # the other parity untouched
+
+
+def test_stale_words_are_waited_for_not_summed():
+    """A peer's word still showing the previous call's flag is not this call's data: the rank
+    waits for it (here past a short spin bound, which counts one timed-out wait)."""
+    world, rank, rows, n, seq = 2, 0, 1, 64, 9
+    xs, residual, w, slot, regions = _setup(world, rank, rows, n, seq, seed=3)
+    stale = regions[rank].view(2, world, slot)[seq % 2, 1]
+    stale[5] = (_flag(seq - 2) << 32) | (stale[5] & 0xFFFFFFFF)
+    state = torch.tensor([seq - 1, 0], dtype=torch.int64)
+    err = torch.zeros(1, dtype=torch.int32)
+    out, res_out = torch.empty_like(residual), torch.empty_like(residual)
+    _ll.launch_ll_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(regions), state, err,
+                                          rank, 3)
+    assert int(err) == 1
+
+
+def test_flag_is_never_zero_and_fits():
+    assert _flag(2**31 - 2) == 2**31 - 1 and _flag(2**31 - 1) == 1 and _flag(0) == 1
+    assert _ll.fits(16, 4096, 2) and not _ll.fits(17, 4096, 2)
+    assert not _ll.fits(1, 4096, 4) and not _ll.fits(1, 4095, 2)
+    with pytest.raises(ValueError, match="LL slots"):
+        x = torch.zeros(1, 4095, dtype=torch.float16)
+        _ll.launch_ll_all_reduce_add_rms_norm(x, x, x[0], 1e-5, x, x, (torch.zeros(8, dtype=torch.int64),) * 2,
+                                              torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int32),
+                                              0, 1)
 
 
 # --- init_custom_all_reduce's flow, ranks simulated by threads ------------------------------
@@ -413,8 +522,20 @@ def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_ra
 
     tw = _ThreadWorld(world)
     data = _tar.data_bytes(world, BUFFER_BYTES)
-    shared = [torch.zeros(data + 8 * _tar.flag_words(world), dtype=torch.uint8) for _ in range(world)]
+    shared = [torch.zeros(car_mod.buffer_bytes(world), dtype=torch.uint8) for _ in range(world)]
     launches = []
+
+    def fake_ll_launch(x, residual, weight, eps, out, res_out, ll_bufs, state, err, rank, max_spin):
+        # The LL kernel's sums, synchronously (its norm is tested above): through the LL regions.
+        n = x.numel()
+        assert ll_bufs[rank].dtype == torch.int64
+        ll_bufs[rank][:n].copy_(x.flatten().to(torch.int64))  # small integers: exact
+        tw.barrier.wait()
+        acc = sum(b[:n].double() for b in ll_bufs)
+        tw.barrier.wait()
+        res_out.copy_((acc.to(x.dtype).view_as(x).float() + residual.float()).to(x.dtype))
+        out.copy_(res_out)
+        launches.append((rank, ("ll", tuple(x.shape)), max_spin))
 
     def fake_launch(x, out, bufs, flag_addrs, state, err, rank, max_spin):
         # What one kernel launch does, synchronously: publish, barrier, sum in rank order, barrier.
@@ -442,6 +563,9 @@ def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_ra
     monkeypatch.setattr(car_mod, "_symmetric_buffer", lambda nbytes, group, rank, ws, device: (object(), tuple(shared), 0))
     monkeypatch.setattr(car_mod, "_precompile", lambda car: None)
     monkeypatch.setattr(_tar, "launch_one_shot", fake_launch)
+    from distllm.ops import triton_all_reduce_ll as _ll
+
+    monkeypatch.setattr(_ll, "launch_ll_all_reduce_add_rms_norm", fake_ll_launch)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     env_per_rank = env_per_rank or [{}] * world
     results: list = [None] * world
@@ -459,6 +583,8 @@ def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_ra
         # os.environ is per process: hand each thread its own view through max_bytes_for.
         real = car_mod.max_bytes_for
         m.setattr(car_mod, "max_bytes_for", lambda ws, env=None: real(ws, {**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
+        real_ll = car_mod.ll_requested
+        m.setattr(car_mod, "ll_requested", lambda env=None: real_ll({**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
         threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
         for t in threads:
             t.start()
@@ -478,12 +604,28 @@ def test_init_flow_comes_up_on_every_rank(monkeypatch, world):
     assert all(c.max_spin == car_mod.ENGINE_MAX_SPIN for c in cars)  # the short bound was for the test
     sizes = sorted({n for _, n, _ in launches})
     assert sizes == sorted({1, 4099, DEFAULT_MAX_BYTES[world] // 2})
+    assert not any(c.use_ll for c in cars)  # off unless asked for
     assert all(spin == car_mod.SELF_TEST_MAX_SPIN for _, _, spin in launches)
 
 
 def test_init_flow_agrees_on_the_smallest_size_limit(monkeypatch):
     cars, _ = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_MAX_BYTES: "65536"}, {ENV_MAX_BYTES: "8192"}])
     assert [c.max_bytes for c in cars] == [8192, 8192]
+
+
+def test_init_flow_ll_when_every_rank_asks(monkeypatch):
+    """DISTLLM_ALL_REDUCE_LL=1 on every rank: the LL kernel is on everywhere, after its own
+    self-test (exact sums in the residual output, two rounds of two shapes, after the flag
+    kernel's); on some ranks only: off everywhere, the flag kernel for all."""
+    from distllm.distributed.custom_all_reduce import ENV_LL
+
+    cars, launches = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_LL: "1"}, {ENV_LL: "1"}])
+    assert [c.use_ll for c in cars] == [True, True]
+    ll_calls = [n for _, n, _ in launches if isinstance(n, tuple)]
+    assert sorted(ll_calls) == sorted([("ll", (1, 4096)), ("ll", (3, 576))] * 4)  # two ranks, two rounds
+    cars, launches = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_LL: "1"}, {}])
+    assert [c.use_ll for c in cars] == [False, False]
+    assert not any(isinstance(n, tuple) for _, n, _ in launches)
 
 
 def test_init_flow_one_rank_disabled_turns_all_off(monkeypatch):

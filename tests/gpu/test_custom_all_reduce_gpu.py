@@ -131,13 +131,18 @@ def _graph_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def _fused_norm_worker(rank: int, world: int, init_file: str) -> None:
+def _fused_norm_worker(rank: int, world: int, init_file: str, ll: bool = False) -> None:
     """all_reduce_add_rms_norm against the custom all-reduce then the Triton fused add + norm,
-    eager and replayed in a CUDA graph mixed with plain all-reduces (shared sequence number)."""
+    eager and replayed in a CUDA graph mixed with plain all-reduces (shared sequence number).
+    ``ll``: with the flag-in-word kernel on, which takes the 1- and 7-row calls (64 and 256
+    rows are past its slots and take the flag kernel, in the same graph)."""
+    from distllm.distributed.custom_all_reduce import ENV_LL
     from distllm.ops.triton_norm import fused_add_rms_norm
 
+    os.environ[ENV_LL] = "1" if ll else "0"
     car, dev = _setup(rank, world, init_file)
     try:
+        assert car.use_ll is ll
         h = 4096
         # The norm weight is the same on every rank, as in the model (a replicated parameter).
         w = torch.rand(h, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(7)) + 0.5
@@ -184,11 +189,12 @@ def _fused_norm_worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("ll", [False, True], ids=["flag-kernel", "ll"])
 @pytest.mark.parametrize("world", WORLD_SIZES or [2])
-def test_fused_all_reduce_add_rms_norm(world, tmp_path):
+def test_fused_all_reduce_add_rms_norm(world, ll, tmp_path):
     if NUM_GPUS < world:
         pytest.skip(f"needs {world} GPUs, have {NUM_GPUS}")
-    _spawn(_fused_norm_worker, world, tmp_path)
+    _spawn(_fused_norm_worker, world, tmp_path, ll)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES or [2])
@@ -223,14 +229,16 @@ def tp1_reference(model_dir):
     return _run(model_dir, 1, None)
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
-def test_tp2_with_custom_all_reduce_matches_tp1(model_dir, tp1_reference, eager, capfd, monkeypatch):
+@pytest.mark.parametrize("eager,ll", [(False, False), (True, False), (False, True)],
+                         ids=["cuda-graphs", "eager", "cuda-graphs-ll"])
+def test_tp2_with_custom_all_reduce_matches_tp1(model_dir, tp1_reference, eager, ll, capfd, monkeypatch):
     from distllm import LLM, SamplingParams
-    from distllm.distributed.custom_all_reduce import ENV_DISABLE, ENV_ENABLE
+    from distllm.distributed.custom_all_reduce import ENV_DISABLE, ENV_ENABLE, ENV_LL
     from test_tp_gpu import MAX_TOKENS, PROMPTS
 
     monkeypatch.delenv(ENV_DISABLE, raising=False)
     monkeypatch.delenv(ENV_ENABLE, raising=False)  # on by default
+    monkeypatch.setenv(ENV_LL, "1" if ll else "0")
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")
     llm = LLM(model=model_dir, tensor_parallel_size=2, distributed_executor_backend="mp", device="cuda",
               dtype="bfloat16", num_gpu_blocks_override=512, max_model_len=1024, max_num_seqs=8,
@@ -243,6 +251,7 @@ def test_tp2_with_custom_all_reduce_matches_tp1(model_dir, tp1_reference, eager,
         torch.cuda.empty_cache()
     log = capfd.readouterr().err
     assert "custom all-reduce on" in log, log[-3000:]
+    assert ("flag in every word (LL)" in log) is ll, log[-3000:]
     ids = [list(o.outputs[0].token_ids) for o in outs]
     lps = [o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob for o in outs]
     ref_ids, ref_lps = tp1_reference
