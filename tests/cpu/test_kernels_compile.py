@@ -1,0 +1,171 @@
+"""Every Triton kernel the decode and prefill paths launch compiles for a Hopper GPU (sm_90),
+here on a machine without one: the CPU tests run the kernels under the interpreter, which
+never builds the variants a GPU launch takes (PDL on) and may take code the compiler refuses.
+A child process without TRITON_INTERPRET calls each op's Python
+wrapper on small CPU tensors with every module's ``launch`` replaced by a recorder, then
+compiles each recorded launch ahead of time (Triton's ASTSource, GPUTarget("cuda", 90, 32),
+ptxas included): with its own argument types and constexprs, and, for kernels that take
+USE_PDL, again with PDL on as a GPU launch would have it. The GPU machines run an older
+Triton (3.6): this catches what both refuse, not everything 3.6 alone would (3.6 refused a
+None passed on to a jit helper, which 3.9 takes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+# The kernels every decode / prefill path reaches (a kernel renamed or dropped must be listed
+# here again, so the check cannot silently shrink).
+EXPECTED = {
+    "_rms_norm_kernel", "_silu_and_mul_kernel", "_gemv_kernel", "_gemv_gate_up_kernel", "_store_kv_kernel",
+    "_rotary_kernel", "_decode_attn_kernel", "one_shot_all_reduce_kernel", "all_reduce_add_rms_norm_kernel",
+    "ll_all_reduce_add_rms_norm_kernel", "_paged_attn_kernel", "_split_reduce_kernel", "_argmax_chunks_kernel",
+    "_argmax_rows_kernel", "_gemv_words_kernel", "_dequant_kernel",
+}
+
+
+def _dtype_name(dt) -> str:
+    import torch
+
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+             torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.bool: "i1"}
+    return names[dt]
+
+
+def _arg_type(v):
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return "*" + _dtype_name(v.dtype)
+    if isinstance(v, tuple):
+        return tuple(_arg_type(x) for x in v)
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -(2**31) <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(v).__name__}")
+
+
+def _record(calls: list):
+    def launch(kernel, grid, *args, **kwargs):
+        names = [p.name for p in kernel.params]
+        values = dict(zip(names, args))
+        options = {}
+        for k, v in kwargs.items():
+            (values if k in names else options)[k] = v
+        signature, constexprs = {}, {}
+        for p in kernel.params:
+            v = values[p.name] if p.name in values else p.default
+            if p.is_constexpr or v is None:
+                signature[p.name] = "constexpr"
+                constexprs[p.name] = v
+            else:
+                signature[p.name] = _arg_type(v)
+        calls.append((kernel, signature, constexprs, options))
+
+    return launch
+
+
+def _drive(calls: list) -> None:
+    """Call every op's wrapper once or twice on small CPU tensors (nothing runs)."""
+    import torch
+
+    from distllm.ops import (launch, triton_activation, triton_all_reduce, triton_all_reduce_ll, triton_argmax,
+                             triton_decode_attention, triton_gemv, triton_gguf_matmul, triton_kv_store, triton_norm,
+                             triton_paged_attention, triton_rotary)
+    from distllm.ops.gguf_quant import GGMLType
+    from distllm.ops.gguf_synthetic import random_blocks
+
+    mods = (launch, triton_activation, triton_all_reduce, triton_all_reduce_ll, triton_argmax, triton_decode_attention,
+            triton_gemv, triton_gguf_matmul, triton_kv_store, triton_norm, triton_paged_attention, triton_rotary)
+    for m in mods:
+        if hasattr(m, "launch"):
+            m.launch = _record(calls)
+    bf = torch.bfloat16
+    x, res, w = torch.randn(1, 4096).to(bf), torch.randn(1, 4096).to(bf), torch.ones(4096, dtype=bf)
+    triton_norm.rms_norm(x, w, 1e-5)
+    triton_norm.fused_add_rms_norm(x, res, w, 1e-5)
+    triton_activation.silu_and_mul(torch.randn(2, 256).to(bf))
+    triton_gemv.gemv(x, torch.randn(6144, 4096).to(bf))  # streaming tiles
+    triton_gemv.gemv(torch.randn(2, 576).to(bf), torch.randn(960, 576).to(bf), torch.randn(960).to(bf))  # one-shot
+    triton_gemv.gemv(torch.randn(1, 2 * 1536).to(bf), torch.randn(576, 1536).to(bf), gated=True)
+    triton_gemv.gemv_gate_up(x, torch.randn(2 * 14336, 4096).to(bf))
+    triton_argmax.argmax_last_dim(torch.randn(2, 50000))
+    t, hq, hk, d, blocks, bs = 3, 8, 2, 128, 8, 16
+    q, k, v = torch.randn(t, hq, d).to(bf), torch.randn(t, hk, d).to(bf), torch.randn(t, hk, d).to(bf)
+    kc, vc = torch.zeros(blocks, bs, hk, d, dtype=bf), torch.zeros(blocks, bs, hk, d, dtype=bf)
+    slots, pos = torch.arange(t), torch.arange(t)
+    cos_sin = torch.randn(64, 2 * d)
+    triton_kv_store.store_kv(k, v, kc, vc, slots)
+    triton_rotary.rotary_embedding(pos, q, k, cos_sin)
+    triton_rotary.rotary_embedding(pos, q, k, cos_sin, q_weight=torch.ones(d, dtype=bf), k_weight=torch.ones(d, dtype=bf),
+                                   kv_store=(v, kc, vc, slots))
+    bt = torch.arange(blocks, dtype=torch.int32).view(2, 4)
+    lens = torch.tensor([5, 40], dtype=torch.int32)
+    triton_paged_attention.paged_attention(q[:2], kc, vc, bt, lens, torch.tensor([0, 1, 2], dtype=torch.int32),
+                                           d**-0.5, max_query_len=1, max_seq_len=2048, num_splits=4)  # split KV
+    triton_paged_attention.paged_attention(q, kc, vc, bt, lens, torch.tensor([0, 1, 3], dtype=torch.int32),
+                                           d**-0.5, max_query_len=2, max_seq_len=64)  # mixed prefill
+    triton_decode_attention.decode_attention(q[:2], k[:2], v[:2], pos[:2], cos_sin, kc, vc, slots[:2], bt, lens,
+                                             d**-0.5, 64)
+    g = torch.Generator().manual_seed(0)
+    for qtype in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K):
+        qw = random_blocks(qtype, 64, 512, g)
+        for m in (1, 64):  # the word GEMV; dequantize, then a matmul
+            triton_gguf_matmul.gguf_matmul(torch.randn(m, 512).to(bf), qw, qtype)
+    world, n = 2, 4096
+    bufs = tuple(torch.zeros(triton_all_reduce.data_bytes(world, 1 << 16) // 2, dtype=bf) for _ in range(world))
+    flags, state, err = torch.zeros(world, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int32)
+    triton_all_reduce.launch_one_shot(x.view(-1), x.view(-1), bufs, flags, state, err, 0, 10)
+    triton_all_reduce.launch_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), bufs, flags, state, err, 0, 10)
+    ll_bufs = tuple(torch.zeros(triton_all_reduce_ll.region_bytes(world) // 8, dtype=torch.int64) for _ in range(world))
+    triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), ll_bufs, state, err,
+                                                           0, 10)
+    assert n == x.shape[1]
+
+
+def _compile_all() -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    calls: list = []
+    _drive(calls)
+    target = GPUTarget("cuda", 90, 32)
+    done, failed, seen = [], [], set()
+    for kernel, signature, constexprs, options in calls:
+        variants = [(constexprs, options)]
+        if "USE_PDL" in signature:  # as a Hopper launch has it
+            variants.append(({**constexprs, "USE_PDL": True}, {**options, "launch_pdl": True}))
+        for consts, opts in variants:
+            key = (kernel.__name__, json.dumps(signature, sort_keys=True, default=str),
+                   json.dumps(consts, sort_keys=True, default=str), json.dumps(opts, sort_keys=True))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                triton.compile(ASTSource(kernel, signature, consts), target=target, options=opts)
+                done.append(kernel.__name__)
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                failed.append(f"{kernel.__name__} {consts}: {type(e).__name__}: {str(e)[:1500]}")
+    return {"compiled": done, "failed": failed}
+
+
+def test_every_kernel_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not result["failed"], "\n".join(result["failed"])
+    assert EXPECTED <= set(result["compiled"]), EXPECTED - set(result["compiled"])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    print(json.dumps(_compile_all()))
