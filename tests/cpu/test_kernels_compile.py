@@ -1,9 +1,9 @@
 """Every Triton kernel the decode and prefill paths launch compiles for a Hopper GPU (sm_90),
 here on a machine without one: the CPU tests run the kernels under the interpreter, which
 never builds the variants a GPU launch takes (PDL on) and may take code the compiler refuses.
-A child process without TRITON_INTERPRET calls each op's Python
-wrapper on small CPU tensors with every module's ``launch`` replaced by a recorder, then
-compiles each recorded launch ahead of time (Triton's ASTSource, GPUTarget("cuda", 90, 32),
+A child process without TRITON_INTERPRET calls each op's Python wrapper on small CPU tensors
+while benchmarks/kernel_aot.py records the launches, then compiles each recorded launch
+ahead of time (Triton's ASTSource, GPUTarget("cuda", 90, 32),
 ptxas included): with its own argument types and constexprs, and, for kernels that take
 USE_PDL, again with PDL on as a GPU launch would have it. The GPU machines run an older
 Triton (3.6): this catches what both refuse, not everything 3.6 alone would (3.6 refused a
@@ -27,65 +27,16 @@ EXPECTED = {
 }
 
 
-def _dtype_name(dt) -> str:
+def _drive() -> None:
+    """Call every op's wrapper once or twice on small CPU tensors (recorded: nothing runs)."""
     import torch
 
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-             torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.bool: "i1"}
-    return names[dt]
-
-
-def _arg_type(v):
-    import torch
-
-    if isinstance(v, torch.Tensor):
-        return "*" + _dtype_name(v.dtype)
-    if isinstance(v, tuple):
-        return tuple(_arg_type(x) for x in v)
-    if isinstance(v, bool):
-        return "i1"
-    if isinstance(v, int):
-        return "i32" if -(2**31) <= v < 2**31 else "i64"
-    if isinstance(v, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(v).__name__}")
-
-
-def _record(calls: list):
-    def launch(kernel, grid, *args, **kwargs):
-        names = [p.name for p in kernel.params]
-        values = dict(zip(names, args))
-        options = {}
-        for k, v in kwargs.items():
-            (values if k in names else options)[k] = v
-        signature, constexprs = {}, {}
-        for p in kernel.params:
-            v = values[p.name] if p.name in values else p.default
-            if p.is_constexpr or v is None:
-                signature[p.name] = "constexpr"
-                constexprs[p.name] = v
-            else:
-                signature[p.name] = _arg_type(v)
-        calls.append((kernel, signature, constexprs, options))
-
-    return launch
-
-
-def _drive(calls: list) -> None:
-    """Call every op's wrapper once or twice on small CPU tensors (nothing runs)."""
-    import torch
-
-    from distllm.ops import (launch, triton_activation, triton_all_reduce, triton_all_reduce_ll, triton_argmax,
+    from distllm.ops import (triton_activation, triton_all_reduce, triton_all_reduce_ll, triton_argmax,
                              triton_decode_attention, triton_gemv, triton_gguf_matmul, triton_kv_store, triton_norm,
                              triton_paged_attention, triton_rotary)
     from distllm.ops.gguf_quant import GGMLType
     from distllm.ops.gguf_synthetic import random_blocks
 
-    mods = (launch, triton_activation, triton_all_reduce, triton_all_reduce_ll, triton_argmax, triton_decode_attention,
-            triton_gemv, triton_gguf_matmul, triton_kv_store, triton_norm, triton_paged_attention, triton_rotary)
-    for m in mods:
-        if hasattr(m, "launch"):
-            m.launch = _record(calls)
     bf = torch.bfloat16
     x, res, w = torch.randn(1, 4096).to(bf), torch.randn(1, 4096).to(bf), torch.ones(4096, dtype=bf)
     triton_norm.rms_norm(x, w, 1e-5)
@@ -118,7 +69,7 @@ def _drive(calls: list) -> None:
         qw = random_blocks(qtype, 64, 512, g)
         for m in (1, 64):  # the word GEMV; dequantize, then a matmul
             triton_gguf_matmul.gguf_matmul(torch.randn(m, 512).to(bf), qw, qtype)
-    world, n = 2, 4096
+    world = 2
     bufs = tuple(torch.zeros(triton_all_reduce.data_bytes(world, 1 << 16) // 2, dtype=bf) for _ in range(world))
     flags, state, err = torch.zeros(world, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int32)
     triton_all_reduce.launch_one_shot(x.view(-1), x.view(-1), bufs, flags, state, err, 0, 10)
@@ -126,46 +77,54 @@ def _drive(calls: list) -> None:
     ll_bufs = tuple(torch.zeros(triton_all_reduce_ll.region_bytes(world) // 8, dtype=torch.int64) for _ in range(world))
     triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), ll_bufs, state, err,
                                                            0, 10)
-    assert n == x.shape[1]
 
 
 def _compile_all() -> dict:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import kernel_aot
 
-    calls: list = []
-    _drive(calls)
-    target = GPUTarget("cuda", 90, 32)
+    with kernel_aot.recording() as calls:
+        _drive()
     done, failed, seen = [], [], set()
-    for kernel, signature, constexprs, options in calls:
-        variants = [(constexprs, options)]
-        if "USE_PDL" in signature:  # as a Hopper launch has it
-            variants.append(({**constexprs, "USE_PDL": True}, {**options, "launch_pdl": True}))
-        for consts, opts in variants:
-            key = (kernel.__name__, json.dumps(signature, sort_keys=True, default=str),
+    for launch in calls:
+        for consts, opts in kernel_aot.variants(launch):
+            key = (launch.name, json.dumps(launch.signature, sort_keys=True, default=str),
                    json.dumps(consts, sort_keys=True, default=str), json.dumps(opts, sort_keys=True))
             if key in seen:
                 continue
             seen.add(key)
             try:
-                triton.compile(ASTSource(kernel, signature, consts), target=target, options=opts)
-                done.append(kernel.__name__)
+                kernel_aot.compile_for_sm90(launch, consts, opts)
+                done.append(launch.name)
             except Exception as e:  # noqa: BLE001 - reported to the parent
-                failed.append(f"{kernel.__name__} {consts}: {type(e).__name__}: {str(e)[:1500]}")
+                failed.append(f"{launch.name} {consts}: {type(e).__name__}: {str(e)[:1500]}")
     return {"compiled": done, "failed": failed}
 
 
-def test_every_kernel_compiles_for_sm90():
+def _compiled_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def test_every_kernel_compiles_for_sm90():
+    r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=_compiled_env(), timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert not result["failed"], "\n".join(result["failed"])
     assert EXPECTED <= set(result["compiled"]), EXPECTED - set(result["compiled"])
 
 
+def test_kernel_resources_cli():
+    """benchmarks/kernel_aot.py: a GEMV's registers and spills from its sm_90 cubin, per tile."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernel_aot.py")
+    r = subprocess.run([sys.executable, script, "gemv", "--n", "64", "--k", "128", "--tiles", "4,64,2", "8,128,4"],
+                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [row["tiles"] for row in rows] == ["4,64,2", "8,128,4"]
+    assert all(row["kernel"] == "_gemv_kernel" and 0 < row["REG"] <= 255 and row["STACK"] >= 0 for row in rows)
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
     print(json.dumps(_compile_all()))

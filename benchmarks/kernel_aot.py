@@ -1,0 +1,166 @@
+"""Compile distllm's Triton kernels ahead of time for a GPU this machine need not have, and read
+their resources (registers a thread, stack spilled, shared memory) from the cubin.
+
+    python benchmarks/kernel_aot.py gate_up --n 3584 --k 4096 --tiles 8,1024,4,4 2,1024,4,4
+    python benchmarks/kernel_aot.py gemv --n 4096 --k 4096 --tiles 8,1024,4,4
+
+Each op's Python wrapper runs on small CPU tensors with every ops module's ``launch`` replaced
+by a recorder (nothing runs); each recorded launch is then compiled with Triton's ASTSource for
+GPUTarget("cuda", 90, 32), as a Hopper launch would have it (PDL on where the kernel takes
+USE_PDL), and ``cuobjdump -res-usage`` (shipped with Triton) reads the cubin. Needs no GPU and
+must run without TRITON_INTERPRET. tests/cpu/test_kernels_compile.py uses the same recorder to
+compile every kernel in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+OPS_MODULES = ("launch", "triton_activation", "triton_all_reduce", "triton_all_reduce_ll", "triton_argmax",
+               "triton_decode_attention", "triton_gemv", "triton_gguf_matmul", "triton_kv_store", "triton_norm",
+               "triton_paged_attention", "triton_rotary")
+
+
+@dataclass
+class Launch:
+    kernel: Any
+    signature: dict
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+
+def _type_of(v) -> Any:
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+                 torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.bool: "i1"}
+        return "*" + names[v.dtype]
+    if isinstance(v, tuple):
+        return tuple(_type_of(x) for x in v)
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -(2**31) <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(v).__name__}")
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Inside: every ops module's ``launch`` records (kernel, argument types, constexprs,
+    options) instead of launching."""
+    import importlib
+
+    calls: list[Launch] = []
+
+    def record(kernel, grid, *args, **kwargs):
+        names = [p.name for p in kernel.params]
+        values = dict(zip(names, args))
+        options = {}
+        for k, v in kwargs.items():
+            (values if k in names else options)[k] = v
+        signature, constexprs = {}, {}
+        for p in kernel.params:
+            v = values[p.name] if p.name in values else p.default
+            if p.is_constexpr or v is None:
+                signature[p.name], constexprs[p.name] = "constexpr", v
+            else:
+                signature[p.name] = _type_of(v)
+        calls.append(Launch(kernel, signature, constexprs, options))
+
+    mods = [importlib.import_module(f"distllm.ops.{m}") for m in OPS_MODULES]
+    saved = [(m, m.launch) for m in mods if hasattr(m, "launch")]
+    for m, _ in saved:
+        m.launch = record
+    try:
+        yield calls
+    finally:
+        for m, fn in saved:
+            m.launch = fn
+
+
+def variants(launch: Launch) -> list[tuple[dict, dict]]:
+    """(constexprs, options) to compile: as recorded, and with PDL on where the kernel takes it."""
+    out = [(launch.constexprs, launch.options)]
+    if "USE_PDL" in launch.signature:
+        out.append(({**launch.constexprs, "USE_PDL": True}, {**launch.options, "launch_pdl": True}))
+    return out
+
+
+def compile_for_sm90(launch: Launch, constexprs: dict, options: dict):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(launch.kernel, launch.signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def resources(compiled) -> dict:
+    """{"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..} of a compiled kernel's cubin."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
+
+
+def _drive(op: str, n: int, k: int, tiles: tuple[int, ...]) -> None:
+    import torch
+
+    from distllm.ops import triton_gemv
+
+    bf = torch.bfloat16
+    x = torch.zeros(1, k, dtype=bf)
+    if op == "gate_up":
+        triton_gemv.gemv_gate_up(x, torch.zeros(2 * n, k, dtype=bf), config=tiles)
+    elif op == "gemv":
+        triton_gemv.gemv(x, torch.zeros(n, k, dtype=bf), config=tiles)
+    else:
+        raise SystemExit(f"unknown op {op!r} (gate_up, gemv)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("op", choices=["gate_up", "gemv"])
+    ap.add_argument("--n", type=int, required=True, help="outputs (gate_up: of gate, as many of up)")
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--tiles", nargs="+", required=True, help="BLOCK_N,BLOCK_K,num_warps[,num_stages] each")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1")
+    rows = []
+    for spec in args.tiles:
+        tiles = tuple(int(v) for v in spec.split(","))
+        with recording() as calls:
+            _drive(args.op, args.n, args.k, tiles)
+        for launch in calls:
+            consts, opts = variants(launch)[-1]
+            rows.append({"op": args.op, "tiles": spec, "kernel": launch.name,
+                         **resources(compile_for_sm90(launch, consts, opts))})
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
