@@ -48,6 +48,11 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DISTLLM_FUSED_DECODE_ATTENTION=0: decode layers run the three kernels instead (for A/B runs).
 ENABLED = os.environ.get("DISTLLM_FUSED_DECODE_ATTENTION", "1").strip().lower() not in ("0", "false", "no", "off")
+# Warps a program. Compiled for sm_90 offline (benchmarks/kernel_aot.py, Triton 3.9), 4 warps
+# spill 176 B of stack a thread at head dim 128 (255 registers); 8 warps need 218 registers and
+# spill nothing. Kept at 4, the configuration every figure so far was measured with, until the
+# two are timed on a GPU: DISTLLM_DECODE_ATTN_WARPS=8 selects the other.
+NUM_WARPS = int(os.environ.get("DISTLLM_DECODE_ATTN_WARPS", "4"))
 # One int32 counter per (sequence, kv head) of a launch: 1024 sequences x 64 kv heads. A batch
 # needing more runs unsplit (no counters).
 NUM_COUNTERS = 1 << 16
@@ -297,7 +302,7 @@ def decode_attention(
         BLOCK_D=block_d, PAGE_SIZE=page_size, BLOCK_M=max(DECODE_BLOCK_M, group_pad), BLOCK_N=block_n,
         HAS_NORM=has_norm, SPLIT=num_splits > 1, IEEE_DOT=q.dtype == torch.float32,
         DOT_F32=_INTERPRET and k_cache.dtype == torch.bfloat16,
-        num_warps=4, num_stages=2,
+        num_warps=NUM_WARPS, num_stages=2,
         **launch_options(use_pdl(q)),
     )
     return out

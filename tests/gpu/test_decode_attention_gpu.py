@@ -62,6 +62,18 @@ def _rel(out, ref):
 @pytest.mark.parametrize("hq,hk,d", [(32, 8, 128), (16, 4, 128), (9, 3, 64)])
 @pytest.mark.parametrize("splits", [None, 1, 3, 8, 32])
 def test_fused_decode_matches_three_kernels(hq, hk, d, splits, norm):
+    _check_fused_decode(hq, hk, d, splits, norm)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 8])
+def test_fused_decode_with_eight_warps(splits, monkeypatch):
+    """DISTLLM_DECODE_ATTN_WARPS=8 (no register spills at head dim 128 on sm_90) computes the same."""
+    monkeypatch.setattr(tda, "NUM_WARPS", 8)
+    _check_fused_decode(32, 8, 128, splits, True)
+    _check_fused_decode(32, 8, 128, splits, False)
+
+
+def _check_fused_decode(hq, hk, d, splits, norm):
     lens = [1, 37, 64, 65, 128, 513, 2000]
     q, k, v, pos, slots, bt, seq_lens, kc, vc = _batch(lens, hq, hk, d, seed=hq + d + (splits or 0), pad_rows=2)
     w = {}
