@@ -3,6 +3,7 @@ their resources (registers a thread, stack spilled, shared memory) from the cubi
 
     python benchmarks/kernel_aot.py gate_up --n 3584 --k 4096 --tiles 8,1024,4,4 2,1024,4,4
     python benchmarks/kernel_aot.py gemv --n 4096 --k 4096 --tiles 8,1024,4,4
+    python benchmarks/kernel_aot.py decode_attn --heads 32 --kv-heads 8 --head-dim 128 --warps 4 8
 
 Each op's Python wrapper runs on small CPU tensors with every ops module's ``launch`` replaced
 by a recorder (nothing runs); each recorded launch is then compiled with Triton's ASTSource for
@@ -125,38 +126,63 @@ def resources(compiled) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
-def _drive(op: str, n: int, k: int, tiles: tuple[int, ...]) -> None:
+def _drive(args: argparse.Namespace, tiles: tuple[int, ...]) -> None:
     import torch
 
-    from distllm.ops import triton_gemv
+    from distllm.ops import triton_decode_attention, triton_gemv
 
     bf = torch.bfloat16
-    x = torch.zeros(1, k, dtype=bf)
-    if op == "gate_up":
-        triton_gemv.gemv_gate_up(x, torch.zeros(2 * n, k, dtype=bf), config=tiles)
-    elif op == "gemv":
-        triton_gemv.gemv(x, torch.zeros(n, k, dtype=bf), config=tiles)
+    if args.op == "decode_attn":  # one sequence, split KV, the fused decode kernel
+        hq, hk, d, blocks, page = args.heads, args.kv_heads, args.head_dim, 64, 16
+        q, kv = torch.zeros(1, hq, d, dtype=bf), torch.zeros(1, hk, d, dtype=bf)
+        cache = torch.zeros(blocks, page, hk, d, dtype=bf)
+        pos, lens = torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int32)
+        triton_decode_attention.decode_attention(q, kv, kv, pos, torch.zeros(4096, 2 * d), cache, cache, pos,
+                                                 torch.zeros(1, blocks, dtype=torch.int32), lens, d**-0.5, 2048,
+                                                 num_splits=8)
+        return
+    x = torch.zeros(1, args.k, dtype=bf)
+    if args.op == "gate_up":
+        triton_gemv.gemv_gate_up(x, torch.zeros(2 * args.n, args.k, dtype=bf), config=tiles)
     else:
-        raise SystemExit(f"unknown op {op!r} (gate_up, gemv)")
+        triton_gemv.gemv(x, torch.zeros(args.n, args.k, dtype=bf), config=tiles)
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("op", choices=["gate_up", "gemv"])
-    ap.add_argument("--n", type=int, required=True, help="outputs (gate_up: of gate, as many of up)")
-    ap.add_argument("--k", type=int, required=True)
-    ap.add_argument("--tiles", nargs="+", required=True, help="BLOCK_N,BLOCK_K,num_warps[,num_stages] each")
+    ap.add_argument("op", choices=["gate_up", "gemv", "decode_attn"])
+    ap.add_argument("--n", type=int, default=4096, help="gemv / gate_up: outputs (gate_up: of gate, as many of up)")
+    ap.add_argument("--k", type=int, default=4096, help="gemv / gate_up: inputs")
+    ap.add_argument("--tiles", nargs="+", default=[], help="gemv / gate_up: BLOCK_N,BLOCK_K,num_warps[,num_stages] each")
+    ap.add_argument("--heads", type=int, default=32, help="decode_attn: query heads")
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--warps", nargs="+", type=int, default=[], help="decode_attn: num_warps to compile with, each")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1")
+    if args.op == "decode_attn":
+        specs = [("warps", w) for w in args.warps or [None]]
+    else:
+        if not args.tiles:
+            ap.error("--tiles is required for gemv and gate_up")
+        specs = [("tiles", spec) for spec in args.tiles]
     rows = []
-    for spec in args.tiles:
-        tiles = tuple(int(v) for v in spec.split(","))
+    for what, spec in specs:
+        tiles = tuple(int(v) for v in spec.split(",")) if what == "tiles" else ()
         with recording() as calls:
-            _drive(args.op, args.n, args.k, tiles)
+            _drive(args, tiles)
         for launch in calls:
             consts, opts = variants(launch)[-1]
-            rows.append({"op": args.op, "tiles": spec, "kernel": launch.name,
+            if what == "warps" and spec is not None:
+                opts = {**opts, "num_warps": spec}
+            rows.append({"op": args.op, what: spec, "kernel": launch.name, "triton": _triton_version(),
                          **resources(compile_for_sm90(launch, consts, opts))})
     for r in rows:
         print(json.dumps(r))

@@ -115,7 +115,8 @@ def test_every_kernel_compiles_for_sm90():
 
 
 def test_kernel_resources_cli():
-    """benchmarks/kernel_aot.py: a GEMV's registers and spills from its sm_90 cubin, per tile."""
+    """benchmarks/kernel_aot.py: registers and spills from the sm_90 cubin, per GEMV tile and
+    per warp count of the fused decode attention."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernel_aot.py")
     r = subprocess.run([sys.executable, script, "gemv", "--n", "64", "--k", "128", "--tiles", "4,64,2", "8,128,4"],
                        capture_output=True, text=True, env=_compiled_env(), timeout=600)
@@ -123,6 +124,11 @@ def test_kernel_resources_cli():
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [row["tiles"] for row in rows] == ["4,64,2", "8,128,4"]
     assert all(row["kernel"] == "_gemv_kernel" and 0 < row["REG"] <= 255 and row["STACK"] >= 0 for row in rows)
+    r = subprocess.run([sys.executable, script, "decode_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
+                        "--warps", "4"], capture_output=True, text=True, env=_compiled_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [(row["kernel"], row["warps"]) for row in rows] == [("_decode_attn_kernel", 4)] and rows[0]["REG"] > 0
 
 
 if __name__ == "__main__":
