@@ -54,6 +54,11 @@ BLOCK_N = 64  # keys per KV-loop iteration (spans several pages)
 PROGRAMS_PER_SM = 4  # split-KV target: (tile, kv head, split) programs per SM
 MAX_SPLITS = 64
 NUM_STAGES = 2  # software pipelining depth of the KV loop
+# Warps a program: 0 = the rule below (4 up to 64 x 128 tile elements, else 8). Compiled for
+# sm_90 offline with Triton 3.6 (benchmarks/kernel_aot.py, head dim 128), 4 warps spill 112 B
+# of stack a thread in prefill tiles (BLOCK_M 64) and 128 B in split decode; 8 warps spill
+# nothing (202 registers). DISTLLM_PAGED_ATTN_WARPS=8 selects 8 everywhere, to time it.
+FORCED_WARPS = int(os.environ.get("DISTLLM_PAGED_ATTN_WARPS", "0"))
 
 
 # The batch size and the block-table width change from step to step: one compile for all
@@ -355,7 +360,7 @@ def paged_attention(
     else:
         part_o = part_m = part_l = out  # unused
 
-    num_warps = 4 if block_m * block_d <= 64 * 128 else 8
+    num_warps = FORCED_WARPS or (4 if block_m * block_d <= 64 * 128 else 8)
     launch(_paged_attn_kernel, (num_tiles, num_kv_heads, num_splits),
         q,
         k_cache,

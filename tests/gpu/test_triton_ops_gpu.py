@@ -108,6 +108,16 @@ def test_mixed_prefill_decode(dtype, d):
     _run_and_check(seqs, 16, 32, 8, d, dtype, seed=4)
 
 
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_eight_warps_same_results(num_splits, monkeypatch):
+    """DISTLLM_PAGED_ATTN_WARPS=8 (no register spills at head dim 128 on sm_90): prefill chunks
+    and decodes as the reference computes them, split or not."""
+    monkeypatch.setattr(tpa, "FORCED_WARPS", 8)
+    seqs = [(500, 1000), (0, 777), (1200, 1), (2000, 64)] + [(c, 1) for c in (5, 300, 2900)]
+    _run_and_check(seqs, 16, 32, 8, 128, torch.bfloat16, seed=6)
+    _run_and_check([(c, 1) for c in (7, 640, 3000)], 16, 32, 8, 128, torch.bfloat16, seed=7, num_splits=num_splits)
+
+
 @pytest.mark.parametrize(
     "h,hkv,d,block_size",
     [(8, 8, 256, 16), (32, 4, 96, 16), (12, 4, 80, 32), (16, 2, 128, 8), (16, 16, 32, 64)],
