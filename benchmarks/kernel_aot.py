@@ -159,7 +159,8 @@ def main() -> None:
     ap.add_argument("op", choices=["gate_up", "gemv", "decode_attn"])
     ap.add_argument("--n", type=int, default=4096, help="gemv / gate_up: outputs (gate_up: of gate, as many of up)")
     ap.add_argument("--k", type=int, default=4096, help="gemv / gate_up: inputs")
-    ap.add_argument("--tiles", nargs="+", default=[], help="gemv / gate_up: BLOCK_N,BLOCK_K,num_warps[,num_stages] each")
+    ap.add_argument("--tiles", nargs="+", default=[],
+                    help="gemv / gate_up: BLOCK_N,BLOCK_K,num_warps[,num_stages] each")
     ap.add_argument("--heads", type=int, default=32, help="decode_attn: query heads")
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)

@@ -50,8 +50,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("DISTLLM_FUSED_DECODE_ATTENTION", "1").strip().lower() not in ("0", "false", "no", "off")
 # Warps a program. Compiled for sm_90 offline (benchmarks/kernel_aot.py), 4 warps spill 336 B
 # of stack a thread at head dim 128 with Triton 3.6 (176 B with 3.9), at 255 registers; 8 warps
-# need 219 registers and spill nothing. Kept at 4, the configuration every figure so far was measured with, until the
-# two are timed on a GPU: DISTLLM_DECODE_ATTN_WARPS=8 selects the other.
+# need 219 registers and spill nothing. Kept at 4, the configuration every figure so far was
+# measured with, until the two are timed on a GPU: DISTLLM_DECODE_ATTN_WARPS=8 selects 8.
 NUM_WARPS = int(os.environ.get("DISTLLM_DECODE_ATTN_WARPS", "4"))
 # One int32 counter per (sequence, kv head) of a launch: 1024 sequences x 64 kv heads. A batch
 # needing more runs unsplit (no counters).

@@ -56,9 +56,10 @@ GATE_UP_MAX_M = 1
 # GATE_UP_MIN_LARGE_N outputs; below, the plain GEMV's tiles are 8 rows (16 rows of [gate; up]
 # a program) and cuBLAS + SiLU-and-mul was faster: Llama-3.1-8B at TP=4 (a 3584 x 4096 shard),
 # 4 x H200, bench_tp_decode.py: 538.1 tok/s with DISTLLM_GEMV_GATE_UP=0 against 493.0 / 493.6.
-# Compiled for sm_90 offline (benchmarks/kernel_aot.py), those 8-row tiles need 255 registers and
-# spill 64 B of stack a thread with Triton 3.6 (72 B with 3.9); 4-row tiles take 168, narrow 96. Forced tiles
-# (DISTLLM_GEMV_GATE_UP_TILES) lift this limit, so that other tiles can be measured there.
+# Compiled for sm_90 offline (benchmarks/kernel_aot.py), those 8-row tiles need 255 registers
+# and spill 64 B of stack a thread with Triton 3.6 (72 B with 3.9); 4-row tiles take 168, the
+# narrow ones 96. Forced tiles (DISTLLM_GEMV_GATE_UP_TILES) lift this limit, so that other
+# tiles can be measured there.
 GATE_UP_MIN_LARGE_N = 4096
 # Past GATE_UP_NARROW_N outputs, two rows of gate and two of up a program. On an H200 (bench_gemv.py
 # --gate-up, weights from HBM) the 8B gate/up (14336 outputs, K 4096) took 55.1 us so against

@@ -584,7 +584,8 @@ def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_ra
         real = car_mod.max_bytes_for
         m.setattr(car_mod, "max_bytes_for", lambda ws, env=None: real(ws, {**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
         real_ll = car_mod.ll_requested
-        m.setattr(car_mod, "ll_requested", lambda env=None: real_ll({**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
+        m.setattr(car_mod, "ll_requested",
+                  lambda env=None: real_ll({**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
         threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
         for t in threads:
             t.start()

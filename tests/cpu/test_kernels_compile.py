@@ -2,12 +2,11 @@
 here on a machine without one: the CPU tests run the kernels under the interpreter, which
 never builds the variants a GPU launch takes (PDL on) and may take code the compiler refuses.
 A child process without TRITON_INTERPRET calls each op's Python wrapper on small CPU tensors
-while benchmarks/kernel_aot.py records the launches, then compiles each recorded launch
-ahead of time (Triton's ASTSource, GPUTarget("cuda", 90, 32),
-ptxas included): with its own argument types and constexprs, and, for kernels that take
-USE_PDL, again with PDL on as a GPU launch would have it. The GPU machines run an older
-Triton (3.6): this catches what both refuse, not everything 3.6 alone would (3.6 refused a
-None passed on to a jit helper, which 3.9 takes).
+while benchmarks/kernel_aot.py records the launches, then compiles each recorded launch ahead
+of time (Triton's ASTSource, GPUTarget("cuda", 90, 32), ptxas included): with its own argument
+types and constexprs, and, for kernels that take USE_PDL, again with PDL on as a GPU launch
+would have it. The GPU machines run an older Triton (3.6): this catches what both refuse, not
+everything 3.6 alone would.
 """
 
 from __future__ import annotations
@@ -54,8 +53,8 @@ def _drive() -> None:
     cos_sin = torch.randn(64, 2 * d)
     triton_kv_store.store_kv(k, v, kc, vc, slots)
     triton_rotary.rotary_embedding(pos, q, k, cos_sin)
-    triton_rotary.rotary_embedding(pos, q, k, cos_sin, q_weight=torch.ones(d, dtype=bf), k_weight=torch.ones(d, dtype=bf),
-                                   kv_store=(v, kc, vc, slots))
+    ones = torch.ones(d, dtype=bf)
+    triton_rotary.rotary_embedding(pos, q, k, cos_sin, q_weight=ones, k_weight=ones, kv_store=(v, kc, vc, slots))
     bt = torch.arange(blocks, dtype=torch.int32).view(2, 4)
     lens = torch.tensor([5, 40], dtype=torch.int32)
     triton_paged_attention.paged_attention(q[:2], kc, vc, bt, lens, torch.tensor([0, 1, 2], dtype=torch.int32),
@@ -71,9 +70,11 @@ def _drive() -> None:
             triton_gguf_matmul.gguf_matmul(torch.randn(m, 512).to(bf), qw, qtype)
     world = 2
     bufs = tuple(torch.zeros(triton_all_reduce.data_bytes(world, 1 << 16) // 2, dtype=bf) for _ in range(world))
-    flags, state, err = torch.zeros(world, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int32)
+    flags, state = torch.zeros(world, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+    err = torch.zeros(1, dtype=torch.int32)
     triton_all_reduce.launch_one_shot(x.view(-1), x.view(-1), bufs, flags, state, err, 0, 10)
-    triton_all_reduce.launch_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), bufs, flags, state, err, 0, 10)
+    triton_all_reduce.launch_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), bufs, flags, state, err,
+                                                     0, 10)
     ll_bufs = tuple(torch.zeros(triton_all_reduce_ll.region_bytes(world) // 8, dtype=torch.int64) for _ in range(world))
     triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), ll_bufs, state, err,
                                                            0, 10)
