@@ -48,12 +48,13 @@ def main() -> None:
                     help="the sweep for large weights: K loops with pipelined loads (num_stages), BLOCK_M rows of x")
     ap.add_argument("--gate-up", default="",
                     help="instead: gemv_gate_up (the gate/up GEMV with its SiLU epilogue) vs cuBLAS + SiLU-and-mul, "
-                         "with a tile sweep, for these comma-separated gate/up output sizes N at K=4096 (e.g. 14336,7168)")
+                         "with a tile sweep, for these comma-separated gate/up output sizes N (e.g. 14336,7168) at K=--gate-up-k")
+    ap.add_argument("--gate-up-k", type=int, default=4096, help="K of --gate-up's weights (Qwen3-0.6B: 1024)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gemv needs a CUDA device")
     if a.gate_up:
-        return gate_up_sweep([int(v) for v in a.gate_up.split(",")], 4096)
+        return gate_up_sweep([int(v) for v in a.gate_up.split(",")], a.gate_up_k)
     ms = [int(v) for v in a.ms.split(",")]
     block_ns = (2, 4, 8, 16) if a.quick else (1, 2, 4, 8, 16, 32)
     block_ks = (256, 1024, 2048) if a.quick else (64, 128, 256, 512, 1024, 2048)

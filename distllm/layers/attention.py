@@ -121,7 +121,7 @@ class Attention(nn.Module):
             return None
         from distllm.ops import triton_decode_attention
 
-        if not triton_decode_attention.ENABLED:
+        if not triton_decode_attention.ENABLED or q.shape[0] > triton_decode_attention.MAX_BATCH:
             return None
         return triton_decode_attention.decode_attention(
             q, k, v, positions, rotary.cos_sin_cache, k_cache, v_cache, meta.slot_mapping, meta.block_tables,

@@ -48,10 +48,17 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # DISTLLM_FUSED_DECODE_ATTENTION=0: decode layers run the three kernels instead (for A/B runs).
 ENABLED = os.environ.get("DISTLLM_FUSED_DECODE_ATTENTION", "1").strip().lower() not in ("0", "false", "no", "off")
+# Decode batches of at most MAX_BATCH sequences take it; larger ones the three kernels. 8B shape
+# on an H200 (same machine): batch-1 decode 4% faster fused, but in 512 / out 256 at batches
+# 2 / 8 / 16 / 32 / 64 / 256 the three kernels gave 430.7 / 1,633 / 3,060 / 5,613 / 10,081 /
+# 18,606 decode tok/s against 428.3 / 1,569 / 2,949 / 5,287 / 8,293 / 14,007 fused, and
+# long256 (bench_fastpath.py) 17,718 against 13,444 output tok/s.
+MAX_BATCH = int(os.environ.get("DISTLLM_FUSED_DECODE_MAX_BATCH", "1"))
 # Warps a program. Compiled for sm_90 offline (benchmarks/kernel_aot.py), 4 warps spill 336 B
 # of stack a thread at head dim 128 with Triton 3.6 (176 B with 3.9), at 255 registers; 8 warps
-# need 219 registers and spill nothing. Kept at 4, the configuration every figure so far was
-# measured with, until the two are timed on a GPU: DISTLLM_DECODE_ATTN_WARPS=8 selects 8.
+# need 219 registers and spill nothing, yet were no faster: 8B batch-1 decode (bench_tp_decode.py
+# --tp 1, H200, two alternations) 241.3 / 234.6 tok/s with 8 against 239.7 / 239.8 with 4, so 4
+# stays. DISTLLM_DECODE_ATTN_WARPS=8 selects 8.
 NUM_WARPS = int(os.environ.get("DISTLLM_DECODE_ATTN_WARPS", "4"))
 # One int32 counter per (sequence, kv head) of a launch: 1024 sequences x 64 kv heads. A batch
 # needing more runs unsplit (no counters).

@@ -52,20 +52,18 @@ MAX_LARGE_M = 1
 # launch: at most GATE_UP_MAX_M. DISTLLM_GEMV_GATE_UP=0 turns it off.
 GATE_UP = os.environ.get("DISTLLM_GEMV_GATE_UP", "1").strip().lower() not in ("0", "false", "no", "off")
 GATE_UP_MAX_M = 1
-# A large gate (N x K past MAX_WEIGHT_ELEMENTS) takes the kernel only with more than
-# GATE_UP_MIN_LARGE_N outputs; below, the plain GEMV's tiles are 8 rows (16 rows of [gate; up]
-# a program) and cuBLAS + SiLU-and-mul was faster: Llama-3.1-8B at TP=4 (a 3584 x 4096 shard),
-# 4 x H200, bench_tp_decode.py: 538.1 tok/s with DISTLLM_GEMV_GATE_UP=0 against 493.0 / 493.6.
-# Compiled for sm_90 offline (benchmarks/kernel_aot.py), those 8-row tiles need 255 registers
-# and spill 64 B of stack a thread with Triton 3.6 (72 B with 3.9); 4-row tiles take 168, the
-# narrow ones 96. Forced tiles (DISTLLM_GEMV_GATE_UP_TILES) lift this limit, so that other
-# tiles can be measured there.
-GATE_UP_MIN_LARGE_N = 4096
-# Past GATE_UP_NARROW_N outputs, two rows of gate and two of up a program. On an H200 (bench_gemv.py
-# --gate-up, weights from HBM) the 8B gate/up (14336 outputs, K 4096) took 55.1 us so against
-# 58.7 with the plain GEMV's 4-row tiles and 61.4 for cuBLAS + SiLU-and-mul; at 7168 outputs
-# (its TP=2 shard) the two tiles tie (29.9-30.0 us) and TP=2 decode was 1% slower with them.
-GATE_UP_NARROW_N, GATE_UP_NARROW_TILES = 8192, (2, 1024, 4, 4)
+# Tiles of a large gate (N x K past MAX_WEIGHT_ELEMENTS): two rows of gate and two of up a
+# program (GATE_UP_NARROW_TILES), except from GATE_UP_WIDE_N[0] to GATE_UP_WIDE_N[1] outputs,
+# where the plain GEMV's 4-row tiles. On an H200 (bench_gemv.py --gate-up, weights from HBM):
+# the 8B gate/up (14336 outputs, K 4096) 55.1 us narrow against 58.7 with 4-row tiles and 61.4
+# for cuBLAS + SiLU-and-mul; its TP=2 shard (7168) ties (29.9-30.0 us) and TP=2 decode was 1%
+# slower narrow; its TP=4 shard (3584) 15.45 us narrow against 21.27 with the plain GEMV's
+# 8-row tiles and 19.45 for cuBLAS + SiLU-and-mul, and 4 x H200 TP=4 decode (bench_tp_decode.py)
+# 541.6 tok/s narrow against 522.9 on cuBLAS + SiLU-and-mul in the same call (8-row tiles had
+# lost 9% to cuBLAS). Compiled for sm_90 offline (benchmarks/kernel_aot.py), 8-row tiles need
+# 255 registers and spill 64 B of stack a thread with Triton 3.6 (72 B with 3.9); 4-row tiles
+# take 168, the narrow ones 96.
+GATE_UP_WIDE_N, GATE_UP_NARROW_TILES = (4097, 8192), (2, 1024, 4, 4)
 # Large weights: 1024-wide K steps, 4 stages of loads in flight; BLOCK_N 8 for up to 4096 rows
 # (fewer, longer programs) and 4 above. Up to LARGE_ONESHOT_MAX_N rows the one-shot tiles keep
 # more programs (TP=4 qkv shard 1536x4096: 5.7 us vs 6.4 us streaming).
@@ -233,20 +231,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def gate_up_config(n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps[, num_stages]) for gemv_gate_up with n outputs: each program
-    streams 2 x BLOCK_N rows, so the plain GEMV's tiles for n rows. DISTLLM_GEMV_GATE_UP_TILES
+    streams 2 x BLOCK_N rows; large gates take the narrow tiles outside GATE_UP_WIDE_N, the rest
+    the plain GEMV's tiles for n rows. DISTLLM_GEMV_GATE_UP_TILES
     = "BN,BK,warps,stages" overrides them (benchmarks/bench_gemv.py --gate-up sweeps them)."""
     forced = os.environ.get("DISTLLM_GEMV_GATE_UP_TILES", "").strip()
     if forced:
         return tuple(int(v) for v in forced.split(","))
-    if n * k > MAX_WEIGHT_ELEMENTS and n > GATE_UP_NARROW_N:
+    if n * k > MAX_WEIGHT_ELEMENTS and not GATE_UP_WIDE_N[0] <= n <= GATE_UP_WIDE_N[1]:
         return GATE_UP_NARROW_TILES
     return gemv_config(n, k)
-
-
-def _gate_up_size_ok(n: int, k: int) -> bool:
-    """Small gates, large ones past GATE_UP_MIN_LARGE_N outputs, and any size with forced tiles."""
-    forced = bool(os.environ.get("DISTLLM_GEMV_GATE_UP_TILES", "").strip())
-    return n * k <= MAX_WEIGHT_ELEMENTS or n > GATE_UP_MIN_LARGE_N or forced
 
 
 def gate_up_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -254,7 +247,6 @@ def gate_up_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return (
         GATE_UP and ENABLED and bias is None and x.dim() == 2 and weight.dim() == 2
         and 0 < x.shape[0] <= GATE_UP_MAX_M and weight.shape[0] % 2 == 0 and x.shape[1] == weight.shape[1]
-        and _gate_up_size_ok(weight.shape[0] // 2, weight.shape[1])
         and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
         and weight.stride(1) == 1 and x.stride(1) == 1
     )

@@ -132,9 +132,11 @@ def test_decode_attention_long_split_walks_several_blocks():
         torch.testing.assert_close(kc2, want_k, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_layer_decode_fused_matches_unfused(monkeypatch):
-    """Attention.forward_rotary on a decode batch (DISTLLM_FORCE_TRITON) takes the fused kernel
-    and gives the output and caches of the unfused path (rotary + store, then attention)."""
+@pytest.mark.parametrize("max_batch, takes_fused", [(3, True), (2, False)])
+def test_attention_layer_decode_fused_matches_unfused(monkeypatch, max_batch, takes_fused):
+    """Attention.forward_rotary on a decode batch (DISTLLM_FORCE_TRITON) of at most MAX_BATCH
+    sequences takes the fused kernel, a larger one the unfused path (rotary + store, then
+    attention), and both give the same output and caches."""
     from distllm.layers.attention import Attention, AttentionMetadata, forward_context
     from distllm.layers.rotary import RotaryEmbedding
 
@@ -147,6 +149,7 @@ def test_attention_layer_decode_fused_matches_unfused(monkeypatch):
     rope = RotaryEmbedding(d, 512, 10000.0)
     attn = Attention(0, hq, hk, d, d**-0.5)
     calls = []
+    monkeypatch.setattr(_tda, "MAX_BATCH", max_batch)
     monkeypatch.setattr(_tda, "decode_attention", lambda *a, **kw: calls.append(1) or _real(*a, **kw))
     outs, caches = [], []
     for fused in (True, False):
@@ -155,7 +158,7 @@ def test_attention_layer_decode_fused_matches_unfused(monkeypatch):
         with forward_context(meta, kv):
             outs.append(attn.forward_rotary(pos, q, k, v, rope))
         caches.append(kv[0])
-    assert calls == [1], "the decode batch must take the fused kernel once, and only when enabled"
+    assert calls == ([1] if takes_fused else []), "the fused kernel: once, only when enabled and within MAX_BATCH"
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[0][0], caches[1][0], rtol=1e-5, atol=1e-5)
     assert torch.equal(caches[0][1], caches[1][1])

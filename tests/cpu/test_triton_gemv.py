@@ -251,17 +251,16 @@ def test_gate_up_layer_routes(monkeypatch):
     assert lin.forward_silu_and_mul(x) is None
 
 
-def test_gate_up_takes_large_weights_past_4096_outputs(monkeypatch):
-    """Large gate/up weights with up to GATE_UP_MIN_LARGE_N outputs (Llama-8B's TP=4 shard:
-    3584 x 4096) stay on cuBLAS + SiLU-and-mul, where that was faster; more outputs (its TP=1 and
-    TP=2 shards) and small weights (SmolLM2's 1536 x 576) take the kernel."""
+def test_gate_up_takes_gates_of_every_size(monkeypatch):
+    """Llama-8B's gate/up at TP=1, 2 and 4 (14336, 7168 and 3584 outputs at K 4096) and SmolLM2's
+    small one (1536 x 576) all take the kernel at M = 1; two rows don't."""
     monkeypatch.setattr(_tg, "ENABLED", True)
     monkeypatch.setattr(_tg, "GATE_UP", True)
     x = torch.empty(1, 4096, dtype=torch.bfloat16)
-    for n, fused in [(14336, True), (7168, True), (4097, True), (3584, False), (4096, False)]:
-        assert _tg.gate_up_applies(x, torch.empty(2 * n, 4096, dtype=torch.bfloat16), None) is fused, n
-    monkeypatch.setenv("DISTLLM_GEMV_GATE_UP_TILES", "2,1024,4,4")  # forced tiles: measurable at any size
-    assert _tg.gate_up_applies(x, torch.empty(2 * 3584, 4096, dtype=torch.bfloat16), None)
+    for n in (14336, 7168, 4097, 4096, 3584):
+        assert _tg.gate_up_applies(x, torch.empty(2 * n, 4096, dtype=torch.bfloat16), None), n
+    assert not _tg.gate_up_applies(torch.empty(2, 4096, dtype=torch.bfloat16),
+                                   torch.empty(2 * 3584, 4096, dtype=torch.bfloat16), None)
     x = torch.empty(1, 576, dtype=torch.bfloat16)
     assert _tg.gate_up_applies(x, torch.empty(2 * 1536, 576, dtype=torch.bfloat16), None)
 
@@ -269,6 +268,8 @@ def test_gate_up_takes_large_weights_past_4096_outputs(monkeypatch):
 def test_gate_up_tiles(monkeypatch):
     assert _tg.gate_up_config(14336, 4096) == _tg.GATE_UP_NARROW_TILES
     assert _tg.gate_up_config(7168, 4096) == _tg.gemv_config(7168, 4096)
+    assert _tg.gate_up_config(3584, 4096) == _tg.GATE_UP_NARROW_TILES  # TP=4: 8-row plain tiles lost there
+    assert _tg.gate_up_config(3072, 1024) == _tg.GATE_UP_NARROW_TILES  # Qwen3-0.6B
     assert _tg.gate_up_config(1536, 576) == _tg.gemv_config(1536, 576)
     monkeypatch.setenv("DISTLLM_GEMV_GATE_UP_TILES", "8,512,4,3")
     assert _tg.gate_up_config(14336, 4096) == (8, 512, 4, 3)
