@@ -195,21 +195,21 @@ def all_reduce_add_rms_norm_kernel(
     """The all-reduce above with a whole row per block step, then the residual add and the
     RMSNorm of `triton_norm` on the reduced row, rounded where that path rounds: one launch
     for what is otherwise an all-reduce and a norm kernel."""
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # no kernel writes it: before the wait
     pdl_wait(USE_PDL)  # as in one_shot_all_reduce_kernel
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = tl.load(state_ptr) + 1
     parity = seq % 2
     dst = (parity * WORLD + RANK) * slot_elems
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < N
     row = pid
     while row < n_rows:
         _push(x_ptr, bufs, row.to(tl.int64) * N + cols, cmask, dst, RANK, WORLD)
         row += nprog
     _signal_and_wait(flag_addrs, pid, seq, max_spin, err_ptr, RANK, WORLD, NUM_SLOTS)
     in_dtype = x_ptr.dtype.element_ty
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     row = pid
     while row < n_rows:
         offs = row.to(tl.int64) * N + cols

@@ -81,6 +81,24 @@ TILES = os.environ.get("DISTLLM_GEMV_TILES", "oneshot").strip().lower()
 ONESHOT_TILE_ELEMENTS = 4096
 
 
+def _forced_tiles(spec: str) -> dict[tuple[int, int], tuple[int, ...]]:
+    """DISTLLM_GEMV_FORCE_TILES = "NxK=BN,BK,warps[,stages];..." -> {(N, K): tiles}: tiles for
+    given weight shapes, to time them end to end (benchmarks/bench_tp_decode.py) on a new card."""
+    forced = {}
+    for item in filter(None, (v.strip() for v in spec.split(";"))):
+        try:
+            shape, tiles = item.split("=")
+            n, k = (int(v) for v in shape.lower().split("x"))
+            forced[(n, k)] = tuple(int(v) for v in tiles.split(","))
+        except ValueError:
+            raise ValueError(f"DISTLLM_GEMV_FORCE_TILES: expected 'NxK=BN,BK,warps[,stages]' items "
+                             f"separated by ';', got {item!r}") from None
+    return forced
+
+
+FORCED_TILES = _forced_tiles(os.environ.get("DISTLLM_GEMV_FORCE_TILES", ""))
+
+
 @triton.jit
 def _x_tile(x_rows, k, mask, K, GATED: tl.constexpr):
     """x[:, k] ([BM, BK], x's dtype); GATED: silu(x[:, k]) * x[:, K + k] (x rows are [gate | up])."""
@@ -173,6 +191,8 @@ def _gemv_gate_up_kernel(
 def gemv_config(n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps[, num_stages]) for an [N, K] weight (TILES: "oneshot" or
     "table" for weights up to MAX_WEIGHT_ELEMENTS; streaming tiles above)."""
+    if (n, k) in FORCED_TILES:
+        return FORCED_TILES[(n, k)]
     if n * k > MAX_WEIGHT_ELEMENTS and n > LARGE_ONESHOT_MAX_N:
         return (8 if n <= 4096 else 4), min(LARGE_BLOCK_K, triton.next_power_of_2(k)), 4, LARGE_STAGES
     if TILES == "oneshot":

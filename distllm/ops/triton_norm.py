@@ -51,6 +51,11 @@ def _rms_norm_kernel(
     NUM_CHUNKS: tl.constexpr,
     USE_PDL: tl.constexpr = False,
 ):
+    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]
+    if NUM_CHUNKS == 1:
+        # The weight is no kernel's output, so it may load before the wait (ops/pdl.py): at
+        # batch 1 this HBM read otherwise sits between the row's reduction and the store.
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     pdl_wait(USE_PDL)  # see ops/pdl.py
     # Row r of the flattened [n_rows, N] view is (outer, inner) = divmod(r, n_inner) of the
     # [outer, inner, N] input; outputs are contiguous, so their row offset is r * N.
@@ -62,7 +67,6 @@ def _rms_norm_kernel(
     x_row = x_ptr + (outer * stride_x0 + inner * stride_x1)[:, None]  # [ROWS, 1]
     r_row = res_ptr + (outer * stride_r0 + inner * stride_r1)[:, None]
     o_off = (rows64 * N)[:, None]
-    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]
     in_dtype = x_ptr.dtype.element_ty
 
     if NUM_CHUNKS == 1:
@@ -75,7 +79,6 @@ def _rms_norm_kernel(
         xf = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)  # [ROWS]
         y = (xf * rstd[:, None]).to(in_dtype).to(tl.float32)  # HF: cast before the weight
-        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + o_off + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # Pass 1: sum of squares (and the residual sum, written out and re-read in pass 2).

@@ -273,3 +273,17 @@ def test_gate_up_tiles(monkeypatch):
     assert _tg.gate_up_config(1536, 576) == _tg.gemv_config(1536, 576)
     monkeypatch.setenv("DISTLLM_GEMV_GATE_UP_TILES", "8,512,4,3")
     assert _tg.gate_up_config(14336, 4096) == (8, 512, 4, 3)
+
+
+def test_forced_tiles_override_the_rule_for_their_shape_only(monkeypatch):
+    monkeypatch.setattr(_tg, "FORCED_TILES", _tg._forced_tiles("4096x4096=4,512,8,2; 6144X4096=8,1024,4"))
+    assert _tg.gemv_config(4096, 4096) == (4, 512, 8, 2)
+    assert _tg.gemv_config(6144, 4096) == (8, 1024, 4)
+    monkeypatch.setattr(_tg, "FORCED_TILES", {})
+    assert _tg.gemv_config(4096, 4096) == (8, 1024, 4, _tg.LARGE_STAGES)
+
+
+@pytest.mark.parametrize("spec", ["4096x4096", "4096=8,1024,4", "4096x4096=8,big,4"])
+def test_malformed_forced_tiles_name_the_variable(spec):
+    with pytest.raises(ValueError, match="DISTLLM_GEMV_FORCE_TILES"):
+        _tg._forced_tiles(spec)
