@@ -13,8 +13,10 @@ in pipelined 1024-wide steps, reaches ~3.0 TB/s; with more rows (an 8B model's f
 LM heads) cuBLAS has parallelism enough and is as fast or faster. cuBLAS everywhere else, but
 for a gated MLP's gate/up at one row (``gemv_gate_up``), where SiLU-and-mul as the epilogue
 saves a launch: 55.1 us against cuBLAS + SiLU-and-mul's 61.4 for the 8B shape on an H200.
-``DISTLLM_GEMV=0`` turns it off; ``DISTLLM_GEMV_TILES=oneshot|table`` picks the tile rule. ``benchmarks/bench_gemv.py`` measures it against cuBLAS and
-prints the figures CONFIGS and the limits come from.
+``DISTLLM_GEMV=0`` turns it off; ``DISTLLM_GEMV_TILES=oneshot|table`` picks the tile rule;
+``DISTLLM_GEMV_FORCE_TILES`` sets the tiles of given weight shapes (to time them end to end).
+``benchmarks/bench_gemv.py`` measures it against cuBLAS and prints the figures CONFIGS and the
+limits come from.
 """
 
 from __future__ import annotations
