@@ -56,7 +56,7 @@ GATE_UP = os.environ.get("DISTLLM_GEMV_GATE_UP", "1").strip().lower() not in ("0
 GATE_UP_MAX_M = 1
 # Tiles of a large gate (N x K past MAX_WEIGHT_ELEMENTS): two rows of gate and two of up a
 # program (GATE_UP_NARROW_TILES), except from GATE_UP_WIDE_N[0] to GATE_UP_WIDE_N[1] outputs,
-# where the plain GEMV's 4-row tiles. On an H200 (bench_gemv.py --gate-up, weights from HBM):
+# which take the plain GEMV's 4-row tiles. On an H200 (bench_gemv.py --gate-up, weights from HBM):
 # the 8B gate/up (14336 outputs, K 4096) 55.1 us narrow against 58.7 with 4-row tiles and 61.4
 # for cuBLAS + SiLU-and-mul; its TP=2 shard (7168) ties (29.9-30.0 us) and TP=2 decode was 1%
 # slower narrow; its TP=4 shard (3584) 15.45 us narrow against 21.27 with the plain GEMV's
