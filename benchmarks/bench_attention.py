@@ -150,12 +150,28 @@ def split_sweep(h: int, hkv: int, d: int, bs: int, dtype: torch.dtype, bw: float
         del kc, vc
 
 
+GRAPH_DECODE_SHAPES = [(2, 1024), (4, 2048), (8, 4096), (16, 512), (16, 2048), (32, 1024), (32, 4096), (64, 1024),
+                       (256, 512), (256, 832)]
+
+
+def graph_decode(h: int, hkv: int, d: int, bs: int, dtype: torch.dtype, bw: float) -> None:
+    """Decode as the engine runs it: CUDA graphs, the heuristic's split count, from 2 to 256
+    sequences (256 x 832 keys is long256's batch halfway through)."""
+    log(f"\ndecode in CUDA graphs, H={h} Hkv={hkv} D={d} block={bs}, heuristic splits")
+    for batch, ctx in GRAPH_DECODE_SHAPES:
+        ms, nbytes, splits, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype, sdpa=False, graph=True)
+        log(f"  b={batch} ctx={ctx}: {ms * 1e3:.1f} us, {splits} splits, {100 * nbytes / (ms * 1e-3) / 1e9 / bw:.0f}% copy")
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--sweep", action="store_true", help="try BLOCK_N x NUM_STAGES for decode")
     ap.add_argument("--split-sweep", action="store_true",
                     help="small-batch decode: every split-KV count vs the heuristic's, in CUDA graphs (then exit)")
+    ap.add_argument("--graph-decode", action="store_true",
+                    help="decode from 2 to 256 sequences in CUDA graphs, heuristic splits (then exit)")
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "."), "bench_attention.log"))
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -168,6 +184,9 @@ def main() -> None:
     h, hkv, d, bs = 32, 8, 128, 16
     if args.split_sweep:
         split_sweep(h, hkv, d, bs, dtype, bw)
+        return
+    if args.graph_decode:
+        graph_decode(h, hkv, d, bs, dtype, bw)
         return
     rows = []
     decode_cfgs = [(1, 4096), (1, 32768), (4, 8192), (8, 4096), (16, 2048), (32, 4096),
@@ -184,11 +203,12 @@ def main() -> None:
 
     if args.sweep:
         log("\nsweep (decode): BLOCK_N x NUM_STAGES")
-        base = (tpa.BLOCK_N, tpa.NUM_STAGES)
+        # Decode takes DECODE_* when it walks long KV ranges (few splits), else the plain knobs: set both.
+        base = (tpa.BLOCK_N, tpa.NUM_STAGES, tpa.DECODE_BLOCK_N, tpa.DECODE_NUM_STAGES)
         for batch, ctx in [(1, 32768), (8, 4096), (64, 4096), (256, 4096)]:
             best = None
             for bn, st in itertools.product([32, 64, 128], [2, 3, 4]):
-                tpa.BLOCK_N, tpa.NUM_STAGES = bn, st
+                tpa.BLOCK_N, tpa.NUM_STAGES, tpa.DECODE_BLOCK_N, tpa.DECODE_NUM_STAGES = bn, st, bn, st
                 try:
                     ms, nbytes, splits, _ = bench_decode(batch, ctx, h, hkv, d, bs, dtype)
                 except Exception as e:
@@ -200,7 +220,7 @@ def main() -> None:
                     best = (ms, bn, st, gbs)
             log(f"  best b={batch} ctx={ctx}: BLOCK_N={best[1]} stages={best[2]} {best[3]:.0f} GB/s")
             torch.cuda.empty_cache()
-        tpa.BLOCK_N, tpa.NUM_STAGES = base
+        tpa.BLOCK_N, tpa.NUM_STAGES, tpa.DECODE_BLOCK_N, tpa.DECODE_NUM_STAGES = base
 
     log(f"\nprefill (causal), H={h} Hkv={hkv} D={d}")
     for q_len, ctx in [(512, 0), (2048, 0), (4096, 0), (1024, 3072)]:

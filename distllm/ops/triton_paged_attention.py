@@ -17,7 +17,8 @@ Design
   on the host: sequence b owns tiles [qsl[b] // BLOCK_Q + b, qsl[b+1] // BLOCK_Q + b + 1),
   so the grid is num_tokens // BLOCK_Q + batch and each program finds its sequence by a
   binary search over query_start_loc (tiles past a sequence's end exit at once). The grid
-  depends only on tensor shapes, which keeps the launch CUDA-graph friendly.
+  depends only on tensor shapes, which keeps the launch CUDA-graph friendly. When no query
+  is longer than one token (decode), program b is sequence b and the search is skipped.
 * The KV loop walks BLOCK_N keys at a time (several pages): each key's physical block is
   looked up in the block table, so BLOCK_N is independent of the page size. Causal tiles
   stop at their last query's position. fp32 accumulation, online softmax in the exp2
@@ -54,6 +55,16 @@ BLOCK_N = 64  # keys per KV-loop iteration (spans several pages)
 PROGRAMS_PER_SM = 4  # split-KV target: (tile, kv head, split) programs per SM
 MAX_SPLITS = 64
 NUM_STAGES = 2  # software pipelining depth of the KV loop
+# Decode batches (one-token queries) whose programs walk long KV ranges (at most
+# LONG_WALK_MAX_SPLITS splits) take DECODE_NUM_STAGES and, with KVH_FAST, kv heads on grid axis
+# 0: the programs running at once then read the heads of the same sequences, which lie side by
+# side in a page. On an H200 the pair took 256 sequences x 832 keys from 228.5 to 211.4 us (90%
+# to 97% of the copy bandwidth); with 4 or more splits (a few KV blocks a program) it cost
+# 0.4-1.4 us, so those keep the prefill's settings (benchmarks/README.md, fifteenth session).
+DECODE_BLOCK_N = BLOCK_N
+DECODE_NUM_STAGES = 3
+LONG_WALK_MAX_SPLITS = 2
+KVH_FAST = os.environ.get("DISTLLM_PAGED_ATTN_KVH_FAST", "1") == "1"  # 0: sequences first, to time it
 # Warps a program: 0 = the rule below (4 up to 64 x 128 tile elements, else 8). Compiled for
 # sm_90 offline with Triton 3.6 (benchmarks/kernel_aot.py, head dim 128), 4 warps spill 112 B
 # of stack a thread in prefill tiles (BLOCK_M 64) and 128 B in split decode; 8 warps spill
@@ -106,27 +117,41 @@ def _paged_attn_kernel(
     CAUSAL: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
+    ONE_TOKEN: tl.constexpr = False,
+    KVH_FAST: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):
     pdl_wait(USE_PDL)  # see ops/pdl.py
-    pid_q = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if KVH_FAST:
+        kvh = tl.program_id(0)
+        pid_q = tl.program_id(1)
+    else:
+        pid_q = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Which sequence owns query tile pid_q: the last b with qsl[b] // BLOCK_Q + b <= pid_q.
-    lo = pid_q * 0  # int32 tensors (num_seqs may be specialised to a constexpr 1)
-    hi = lo + num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first_tile = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-        go_right = first_tile <= pid_q
-        lo = tl.where(go_right, mid + 1, lo)
-        hi = tl.where(go_right, hi, mid)
-    seq = lo - 1
+    if ONE_TOKEN:
+        # At most one new token a sequence: program pid_q is sequence pid_q. The binary search
+        # below is a chain of dependent loads that every decode program would wait on.
+        seq = pid_q
+    else:
+        # Which sequence owns query tile pid_q: the last b with qsl[b] // BLOCK_Q + b <= pid_q.
+        lo = pid_q * 0  # int32 tensors (num_seqs may be specialised to a constexpr 1)
+        hi = lo + num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            first_tile = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+            go_right = first_tile <= pid_q
+            lo = tl.where(go_right, mid + 1, lo)
+            hi = tl.where(go_right, hi, mid)
+        seq = lo - 1
 
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
-    tile_q0 = (pid_q - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if ONE_TOKEN:
+        tile_q0 = 0
+    else:
+        tile_q0 = (pid_q - (q_start // BLOCK_Q + seq)) * BLOCK_Q
     if tile_q0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -336,7 +361,8 @@ def paged_attention(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if max_query_len <= 1:
+    one_token = max_query_len <= 1
+    if one_token:
         block_m = max(DECODE_BLOCK_M, group_pad)
         block_q = 1
     else:
@@ -345,8 +371,10 @@ def paged_attention(
         # Don't spread a short query over mostly-empty rows.
         block_q = min(block_q, triton.next_power_of_2(max_query_len))
         block_m = max(DECODE_BLOCK_M, block_q * group_pad)
-    block_n = BLOCK_N if block_d <= 128 else BLOCK_N // 2
-    num_tiles = num_tokens // block_q + batch
+    block_n = DECODE_BLOCK_N if one_token else BLOCK_N
+    block_n = block_n if block_d <= 128 else block_n // 2
+    # One tile a sequence when no query is longer than a token; else see the module docstring.
+    num_tiles = batch if one_token else num_tokens // block_q + batch
     busy_tiles = min(num_tiles, batch * triton.cdiv(max_query_len, block_q))
 
     if num_splits is None:
@@ -361,7 +389,10 @@ def paged_attention(
         part_o = part_m = part_l = out  # unused
 
     num_warps = FORCED_WARPS or (4 if block_m * block_d <= 64 * 128 else 8)
-    launch(_paged_attn_kernel, (num_tiles, num_kv_heads, num_splits),
+    long_walk = one_token and num_splits <= LONG_WALK_MAX_SPLITS
+    kvh_fast = long_walk and KVH_FAST
+    grid = (num_kv_heads, num_tiles, num_splits) if kvh_fast else (num_tiles, num_kv_heads, num_splits)
+    launch(_paged_attn_kernel, grid,
         q,
         k_cache,
         v_cache,
@@ -393,8 +424,10 @@ def paged_attention(
         CAUSAL=bool(causal),
         IEEE_DOT=q.dtype == torch.float32,
         DOT_F32=_INTERPRET and k_cache.dtype == torch.bfloat16,
+        ONE_TOKEN=one_token,
+        KVH_FAST=kvh_fast,
         num_warps=num_warps,
-        num_stages=NUM_STAGES,
+        num_stages=DECODE_NUM_STAGES if long_walk else NUM_STAGES,
         **launch_options(use_pdl(q)),
     )
     if num_splits > 1:

@@ -155,6 +155,21 @@ def test_paged_attention_decode_only(dtype):
     _check(out, ref, dtype)
 
 
+@pytest.mark.parametrize("kvh_fast", [False, True])
+@pytest.mark.parametrize("num_splits", [1, 2, 3])  # 3: past LONG_WALK_MAX_SPLITS
+def test_paged_attention_one_token_grid(monkeypatch, kvh_fast, num_splits):
+    """Decode batches take one program a sequence (no tile search): idle sequences with no new
+    token among real ones, either grid order, with and without split-KV."""
+    monkeypatch.setattr(_tpa, "KVH_FAST", kvh_fast)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    seqs = [(37, 1), (0, 0), (15, 1), (70, 1), (0, 0), (16, 1)]
+    q, kc, vc, bt, sl, qsl = _make_batch(seqs, 16, 4, 2, 64, torch.float32, gen)
+    sl[1] = sl[4] = 0
+    out = paged_attention(q, kc, vc, bt, sl, qsl, 0.125, max_query_len=1, max_seq_len=71, num_splits=num_splits)
+    ref = paged_attention_ref(q, kc, vc, bt, sl, qsl, 0.125)
+    _check(out, ref, torch.float32)
+
+
 @pytest.mark.parametrize("num_splits", [2, 3])
 def test_paged_attention_split_kv(num_splits):
     """Flash-decoding path (forced): decodes and causal chunks with some empty splits."""
