@@ -170,7 +170,7 @@ class ModelRunner:
             sc = self.config.scheduler_config
             self.graphs = DecodeGraphs(
                 self.model, self.kv_caches, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                self.model.spec.vocab_size, self.device,
+                self.model.spec.vocab_size, self.device, logits_dtype=self.dtype,
             )
             self.graphs.capture(also_precompile=self._first_prefills)
 
@@ -199,7 +199,7 @@ class ModelRunner:
             )
             with forward_context(meta, self.kv_caches):
                 hidden = self.model(torch.zeros(n, dtype=torch.int64, device=dev), torch.arange(n, device=dev))
-            argmax(self.model.compute_logits(hidden[-1:]).float())
+            argmax(self.model.compute_logits(hidden[-1:]))
 
     # ---- plan diffs ---------------------------------------------------------------------------
 
@@ -294,7 +294,9 @@ class ModelRunner:
                 else:
                     rows = torch.tensor(inputs.sample_rows).to(self.device, non_blocking=True)
                     sampled_hidden = hidden.index_select(0, rows)
-                logits = self.model.compute_logits(sampled_hidden).float()
+                # In the model's dtype, as the graphs give them: the sampler widens what it
+                # computes on (an exact conversion), and greedy rows need no float32 copy.
+                logits = self.model.compute_logits(sampled_hidden)
             cached = [self.states[r] for r in inputs.sample_req_ids]
             states = [c.sampling for c in cached]
             out = self.sampler(logits, states)
