@@ -58,9 +58,10 @@ NUM_STAGES = 2  # software pipelining depth of the KV loop
 # Decode batches (one-token queries) whose programs walk long KV ranges (at most
 # LONG_WALK_MAX_SPLITS splits) take DECODE_NUM_STAGES and, with KVH_FAST, kv heads on grid axis
 # 0: the programs running at once then read the heads of the same sequences, which lie side by
-# side in a page. On an H200 the pair took 256 sequences x 832 keys from 228.5 to 211.4 us (90%
-# to 97% of the copy bandwidth); with 4 or more splits (a few KV blocks a program) it cost
-# 0.4-1.4 us, so those keep the prefill's settings (benchmarks/README.md, fifteenth session).
+# side in a page. On an H200, with the one-program-a-sequence grid, 256 sequences x 832 keys
+# took 206.8 us against 222.5 before (93% to 100% of the copy bandwidth); with 4 or more splits
+# (a few KV blocks a program) the pair cost 0.4-1.4 us, so those keep NUM_STAGES and sequences
+# first (benchmarks/README.md, fifteenth session).
 DECODE_BLOCK_N = BLOCK_N
 DECODE_NUM_STAGES = 3
 LONG_WALK_MAX_SPLITS = 2

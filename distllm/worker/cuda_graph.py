@@ -144,8 +144,8 @@ class DecodeGraphs:
 
     def run(self, inputs, fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode batch (a StepInputs);
-        returns the logits of its rows (in ``logits_dtype``). ``fill`` = (rows, ids): input ids to overwrite on
-        the device (tokens sampled by a step still in flight)."""
+        returns the logits of its rows, in ``logits_dtype``. ``fill`` = (rows, ids): input ids to
+        overwrite on the device (tokens sampled by a step still in flight)."""
         b = len(inputs.req_ids)
         bs = next(s for s in self.sizes if s >= b)
         n = self.max_bs
