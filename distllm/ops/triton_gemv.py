@@ -254,8 +254,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gate_up_config(n: int, k: int) -> tuple[int, ...]:
     """(BLOCK_N, BLOCK_K, num_warps[, num_stages]) for gemv_gate_up with n outputs: each program
     streams 2 x BLOCK_N rows; large gates take the narrow tiles outside GATE_UP_WIDE_N, the rest
-    the plain GEMV's tiles for n rows. DISTLLM_GEMV_GATE_UP_TILES
-    = "BN,BK,warps,stages" overrides them (benchmarks/bench_gemv.py --gate-up sweeps them)."""
+    the plain GEMV's tiles for n rows. DISTLLM_GEMV_GATE_UP_TILES = "BN,BK,warps,stages"
+    overrides them (benchmarks/bench_gemv.py --gate-up sweeps them)."""
     forced = os.environ.get("DISTLLM_GEMV_GATE_UP_TILES", "").strip()
     if forced:
         return tuple(int(v) for v in forced.split(","))
