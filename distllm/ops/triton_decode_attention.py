@@ -54,9 +54,9 @@ ENABLED = os.environ.get("DISTLLM_FUSED_DECODE_ATTENTION", "1").strip().lower() 
 # 18,606 decode tok/s against 428.3 / 1,569 / 2,949 / 5,287 / 8,293 / 14,007 fused, and
 # long256 (bench_fastpath.py) 17,718 against 13,444 output tok/s.
 MAX_BATCH = int(os.environ.get("DISTLLM_FUSED_DECODE_MAX_BATCH", "1"))
-# Warps a program. Compiled for sm_90 offline (benchmarks/kernel_aot.py), 4 warps spill 336 B
-# of stack a thread at head dim 128 with Triton 3.6 (176 B with 3.9), at 255 registers; 8 warps
-# need 219 registers and spill nothing, yet were no faster: 8B batch-1 decode (bench_tp_decode.py
+# Warps a program. Compiled for sm_90 offline with the launcher's divisibility hints
+# (benchmarks/kernel_aot.py, head dim 128, Triton 3.6), 4 warps take 251 registers a thread and 8
+# take 172, neither spilling; 8 were no faster: 8B batch-1 decode (bench_tp_decode.py
 # --tp 1, H200, two alternations) 241.3 / 234.6 tok/s with 8 against 239.7 / 239.8 with 4, so 4
 # stays. DISTLLM_DECODE_ATTN_WARPS=8 selects 8.
 NUM_WARPS = int(os.environ.get("DISTLLM_DECODE_ATTN_WARPS", "4"))

@@ -62,9 +62,9 @@ GATE_UP_MAX_M = 1
 # slower narrow; its TP=4 shard (3584) 15.45 us narrow against 21.27 with the plain GEMV's
 # 8-row tiles and 19.45 for cuBLAS + SiLU-and-mul, and 4 x H200 TP=4 decode (bench_tp_decode.py)
 # 541.6 tok/s narrow against 522.9 on cuBLAS + SiLU-and-mul in the same call (8-row tiles had
-# lost 9% to cuBLAS). Compiled for sm_90 offline (benchmarks/kernel_aot.py), 8-row tiles need
-# 255 registers and spill 64 B of stack a thread with Triton 3.6 (72 B with 3.9); 4-row tiles
-# take 168, the narrow ones 96.
+# lost 9% to cuBLAS). Compiled for sm_90 offline with the launcher's divisibility hints
+# (benchmarks/kernel_aot.py, Triton 3.6), 8-row tiles take 165 registers a thread (three
+# programs an SM), 4-row tiles 96, the narrow ones 64 (eight); none spills.
 GATE_UP_WIDE_N, GATE_UP_NARROW_TILES = (4097, 8192), (2, 1024, 4, 4)
 # Large weights: 1024-wide K steps, 4 stages of loads in flight; BLOCK_N 8 for up to 4096 rows
 # (fewer, longer programs) and 4 above. Up to LARGE_ONESHOT_MAX_N rows the one-shot tiles keep

@@ -130,6 +130,34 @@ def test_kernel_resources_cli():
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     assert [(row["kernel"], row["warps"]) for row in rows] == [("_decode_attn_kernel", 4)] and rows[0]["REG"] > 0
+    r = subprocess.run([sys.executable, script, "paged_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
+                        "--warps", "4"], capture_output=True, text=True, env=_compiled_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    # split decode (its reduce kernel too), then prefill tiles
+    assert [row["kernel"] for row in rows] == ["_paged_attn_kernel", "_split_reduce_kernel", "_paged_attn_kernel"]
+
+
+def test_recorded_launches_carry_the_launchers_divisibility_hints():
+    """A pointer (or integer) that is a multiple of 16 gets tt.divisibility 16, as Triton's
+    launcher gives it at run time; do_not_specialize parameters and odd values get nothing."""
+    import torch
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    import kernel_aot
+
+    def body(a_ptr, b_ptr, n, m, odd, flag, f, BLOCK: tl.constexpr):
+        pass
+
+    k = JITFunction(body, do_not_specialize=["m"])  # not triton.jit: other modules set TRITON_INTERPRET
+
+    buf = torch.zeros(64, dtype=torch.float16)
+    record = kernel_aot._divisibility(k, {"a_ptr": buf, "b_ptr": buf[1:], "n": 4096, "m": 32, "odd": 30,
+                                          "flag": True, "f": 1.0, "BLOCK": 16})
+    assert record == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+    assert kernel_aot._divisibility(k, {"a_ptr": (buf, buf[3:])}) == {(0, 0): [["tt.divisibility", 16]]}
 
 
 if __name__ == "__main__":
