@@ -68,7 +68,11 @@ GATE_UP_MAX_M = 1
 GATE_UP_WIDE_N, GATE_UP_NARROW_TILES = (4097, 8192), (2, 1024, 4, 4)
 # Large weights: 1024-wide K steps, 4 stages of loads in flight; BLOCK_N 8 for up to 4096 rows
 # (fewer, longer programs) and 4 above. Up to LARGE_ONESHOT_MAX_N rows the one-shot tiles keep
-# more programs (TP=4 qkv shard 1536x4096: 5.7 us vs 6.4 us streaming).
+# more programs (TP=4 qkv shard 1536x4096: 5.7 us vs 6.4 us streaming). The 8-row tiles take
+# exactly 128 registers a thread on sm_90 (kernel_aot.py): four programs an SM, so o_proj's and
+# down's 512 programs run as one wave. Whatever this kernel gains must keep that: an add +
+# RMSNorm tail at 136 registers made each of those GEMVs ~7 us slower (benchmarks/README.md,
+# sixteenth session).
 LARGE_BLOCK_K, LARGE_STAGES, LARGE_ONESHOT_MAX_N = 1024, 4, 2048
 # (BLOCK_N, BLOCK_K, num_warps) by weight size: the first row whose limit holds N * K (the
 # microbenchmark's best tiles, weights hot in L2).
