@@ -138,6 +138,18 @@ def test_kernel_resources_cli():
     assert [row["kernel"] for row in rows] == ["_paged_attn_kernel", "_split_reduce_kernel", "_paged_attn_kernel"]
 
 
+def test_large_gemv_tiles_fit_four_programs_an_sm():
+    """The 8-row GEMV tiles of the 8B o_proj / down must stay at <= 128 registers a thread
+    (sm_90): at 136 their 512 programs ran as two waves, ~7 us slower each (benchmarks/README.md,
+    sixteenth session). A failure here after a kernel change is a slowdown to measure first."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernel_aot.py")
+    r = subprocess.run([sys.executable, script, "gemv", "--n", "4096", "--k", "14336", "--tiles", "8,1024,4,4"],
+                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    assert row["REG"] <= 128 and row["STACK"] == 0, row
+
+
 def test_recorded_launches_carry_the_launchers_divisibility_hints():
     """A pointer (or integer) that is a multiple of 16 gets tt.divisibility 16, as Triton's
     launcher gives it at run time; do_not_specialize parameters and odd values get nothing."""
