@@ -9,7 +9,8 @@ their resources (registers a thread, stack spilled, shared memory) from the cubi
 Each op's Python wrapper runs on small CPU tensors with every ops module's ``launch`` replaced
 by a recorder (nothing runs); each recorded launch is then compiled with Triton's ASTSource for
 GPUTarget("cuda", 90, 32), as a Hopper launch would have it (PDL on where the kernel takes
-USE_PDL, and the divisibility hints the launcher would derive from the arguments), and
+USE_PDL, the divisibility hints the launcher would derive from the arguments, and integer
+arguments equal to 1 made the constant 1, as the launcher makes them), and
 ``cuobjdump -res-usage`` (shipped with Triton) reads the cubin. Needs no GPU and
 must run without TRITON_INTERPRET. tests/cpu/test_kernels_compile.py uses the same recorder to
 compile every kernel in CI.
@@ -95,6 +96,12 @@ def _divisibility(kernel, values: dict) -> dict:
     return attrs
 
 
+def _specialized_one(param, v) -> bool:
+    """Triton's launcher turns an integer argument equal to 1 into the constant 1 (a unit stride
+    then makes its loads contiguous) unless the parameter opts out of specialization."""
+    return isinstance(v, int) and not isinstance(v, bool) and v == 1 and not param.do_not_specialize
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[list[Launch]]:
     """Inside: every ops module's ``launch`` records (kernel, argument types, constexprs,
@@ -112,7 +119,7 @@ def recording() -> Iterator[list[Launch]]:
         signature, constexprs = {}, {}
         for p in kernel.params:
             v = values[p.name] if p.name in values else p.default
-            if p.is_constexpr or v is None:
+            if p.is_constexpr or v is None or _specialized_one(p, v):
                 signature[p.name], constexprs[p.name] = "constexpr", v
             else:
                 signature[p.name] = _type_of(v)
