@@ -172,28 +172,35 @@ def test_recorded_launches_carry_the_launchers_divisibility_hints():
     assert kernel_aot._divisibility(k, {"a_ptr": (buf, buf[3:])}) == {(0, 0): [["tt.divisibility", 16]]}
 
 
+_UNIT_INTEGERS = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import kernel_aot
+from distllm.ops import triton_paged_attention as tpa
+bf = torch.bfloat16
+cache = torch.zeros(8, 16, 2, 64, dtype=bf)
+with kernel_aot.recording() as calls:
+    tpa.paged_attention(torch.zeros(2, 4, 64, dtype=bf), cache, cache, torch.zeros(2, 4, dtype=torch.int32),
+                        torch.tensor([5, 40], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32),
+                        0.125, max_query_len=1, max_seq_len=64, num_splits=1)
+(launch,) = calls
+print(json.dumps({n: [launch.signature[n], launch.constexprs.get(n)] for n in ("stride_kcd", "stride_kcs", "num_splits")}))
+"""
+
+
 def test_recorded_launches_specialise_unit_integers():
     """An integer argument equal to 1 is compiled as the constant 1, as Triton's launcher does
     (a unit stride then gives contiguous, vectorised loads); a do_not_specialize one stays an
     integer. Without this the paged attention compiled offline at 255 registers with spills,
-    against 91 at run time."""
-    import torch
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
-    import kernel_aot
-
-    from distllm.ops import triton_paged_attention as tpa
-
-    bf = torch.bfloat16
-    cache = torch.zeros(8, 16, 2, 64, dtype=bf)
-    with kernel_aot.recording() as calls:
-        tpa.paged_attention(torch.zeros(2, 4, 64, dtype=bf), cache, cache, torch.zeros(2, 4, dtype=torch.int32),
-                            torch.tensor([5, 40], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32),
-                            0.125, max_query_len=1, max_seq_len=64, num_splits=1)
-    (launch,) = calls
-    assert launch.signature["stride_kcd"] == "constexpr" and launch.constexprs["stride_kcd"] == 1
-    assert launch.signature["stride_kcs"] == "i32"  # 2 kv heads x 64
-    assert launch.signature["num_splits"] == "i32"  # do_not_specialize, though it is 1 here
+    against 91 at run time. (A subprocess: other test modules leave the kernels interpreted.)"""
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+    r = subprocess.run([sys.executable, "-c", _UNIT_INTEGERS, bench], capture_output=True, text=True,
+                       env=_compiled_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sig = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sig["stride_kcd"] == ["constexpr", 1]
+    assert sig["stride_kcs"] == ["i32", None]  # 2 kv heads x 64
+    assert sig["num_splits"] == ["i32", None]  # do_not_specialize, though it is 1 here
 
 
 def test_paged_attention_does_not_spill():
