@@ -107,6 +107,17 @@ def _compiled_env() -> dict:
     return env
 
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
+
+
+def _aot_rows(*args: str) -> list[dict]:
+    """The JSON rows `benchmarks/kernel_aot.py ARGS` prints, run compiled (no interpreter)."""
+    r = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "kernel_aot.py"), *args],
+                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
 def test_every_kernel_compiles_for_sm90():
     r = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=_compiled_env(), timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -118,22 +129,12 @@ def test_every_kernel_compiles_for_sm90():
 def test_kernel_resources_cli():
     """benchmarks/kernel_aot.py: registers and spills from the sm_90 cubin, per GEMV tile and
     per warp count of the fused decode attention."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernel_aot.py")
-    r = subprocess.run([sys.executable, script, "gemv", "--n", "64", "--k", "128", "--tiles", "4,64,2", "8,128,4"],
-                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = _aot_rows("gemv", "--n", "64", "--k", "128", "--tiles", "4,64,2", "8,128,4")
     assert [row["tiles"] for row in rows] == ["4,64,2", "8,128,4"]
     assert all(row["kernel"] == "_gemv_kernel" and 0 < row["REG"] <= 255 and row["STACK"] >= 0 for row in rows)
-    r = subprocess.run([sys.executable, script, "decode_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
-                        "--warps", "4"], capture_output=True, text=True, env=_compiled_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = _aot_rows("decode_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--warps", "4")
     assert [(row["kernel"], row["warps"]) for row in rows] == [("_decode_attn_kernel", 4)] and rows[0]["REG"] > 0
-    r = subprocess.run([sys.executable, script, "paged_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64",
-                        "--warps", "4"], capture_output=True, text=True, env=_compiled_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = _aot_rows("paged_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--warps", "4")
     # split decode (its reduce kernel too), then prefill tiles
     assert [row["kernel"] for row in rows] == ["_paged_attn_kernel", "_split_reduce_kernel", "_paged_attn_kernel"]
 
@@ -142,11 +143,7 @@ def test_large_gemv_tiles_fit_four_programs_an_sm():
     """The 8-row GEMV tiles of the 8B o_proj / down must stay at <= 128 registers a thread
     (sm_90): at 136 their 512 programs ran as two waves, ~7 us slower each (benchmarks/README.md,
     sixteenth session). A failure here after a kernel change is a slowdown to measure first."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernel_aot.py")
-    r = subprocess.run([sys.executable, script, "gemv", "--n", "4096", "--k", "14336", "--tiles", "8,1024,4,4"],
-                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    row = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    row = _aot_rows("gemv", "--n", "4096", "--k", "14336", "--tiles", "8,1024,4,4")[0]
     assert row["REG"] <= 128 and row["STACK"] == 0, row
 
 
@@ -157,7 +154,7 @@ def test_recorded_launches_carry_the_launchers_divisibility_hints():
     import triton.language as tl
     from triton.runtime.jit import JITFunction
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    sys.path.insert(0, BENCHMARKS)
     import kernel_aot
 
     def body(a_ptr, b_ptr, n, m, odd, flag, f, BLOCK: tl.constexpr):
@@ -193,8 +190,7 @@ def test_recorded_launches_specialise_unit_integers():
     (a unit stride then gives contiguous, vectorised loads); a do_not_specialize one stays an
     integer. Without this the paged attention compiled offline at 255 registers with spills,
     against 91 at run time. (A subprocess: other test modules leave the kernels interpreted.)"""
-    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
-    r = subprocess.run([sys.executable, "-c", _UNIT_INTEGERS, bench], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _UNIT_INTEGERS, BENCHMARKS], capture_output=True, text=True,
                        env=_compiled_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     sig = json.loads(r.stdout.strip().splitlines()[-1])
@@ -206,14 +202,10 @@ def test_recorded_launches_specialise_unit_integers():
 def test_paged_attention_does_not_spill():
     """Decode and prefill tiles of the 8B shape compile for sm_90 without stack spills at 4 warps
     (the default for decode tiles) and at 8."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "kernel_aot.py")
-    r = subprocess.run([sys.executable, script, "paged_attn", "--warps", "4", "8"],
-                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    rows = _aot_rows("paged_attn", "--warps", "4", "8")
     assert len(rows) == 6 and all(row["STACK"] == 0 for row in rows), rows
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+    sys.path.insert(0, BENCHMARKS)
     print(json.dumps(_compile_all()))
