@@ -52,7 +52,8 @@ ENV_DISABLE = "DISTLLM_DISABLE_CUSTOM_ALLREDUCE"
 ENV_ENABLE = "DISTLLM_CUSTOM_ALLREDUCE"
 ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
 # "1": decode rows' all-reduce + add + RMSNorm through the flag-in-word kernel
-# (ops/triton_all_reduce_ll); off until measured on a GPU. Used only when every rank sets it.
+# (ops/triton_all_reduce_ll); off: slower than the flag kernel on 2 x H200. Used only when every
+# rank sets it.
 ENV_LL = "DISTLLM_ALL_REDUCE_LL"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

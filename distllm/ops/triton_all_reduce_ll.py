@@ -18,7 +18,9 @@ has read back to 0, so a word left from an earlier call never shows a current fl
 many calls ago it was written; the peer's next write to that word comes two calls later, after
 this kernel has ended.
 
-Off by default until measured on a GPU: DISTLLM_ALL_REDUCE_LL=1 turns it on, when every rank
+Off by default: measured slower than the flag kernel on 2 x H200 (one 4096-wide bf16 row in a
+CUDA graph: 6.6-7.5 against 4.7-5.5 us, twelfth and eighteenth sessions, benchmarks/README.md;
+TP=2 decode 369.7 against 373.7 tok/s). DISTLLM_ALL_REDUCE_LL=1 turns it on, when every rank
 sets it (distributed/custom_all_reduce checks that they agree: a rank using it while a peer did
 not would wait forever).
 """
