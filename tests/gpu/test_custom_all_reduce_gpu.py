@@ -189,6 +189,84 @@ def _fused_norm_worker(rank: int, world: int, init_file: str, ll: bool = False) 
         dist.destroy_process_group()
 
 
+def _pushed_worker(rank: int, world: int, init_file: str) -> None:
+    """pushed_gemv + all_reduce_add_rms_norm (the GEMV pushes, the norm kernel awaits) against
+    the plain GEMV then the flag kernel, for the 8B TP shapes of o_proj and down: eager, then a
+    CUDA graph of two pushed layers around a plain all-reduce, replayed with new inputs."""
+    from distllm.distributed.custom_all_reduce import ENV_PUSH
+    from distllm.ops import triton_gemv
+
+    os.environ[ENV_PUSH] = "1"
+    car, dev = _setup(rank, world, init_file)
+    try:
+        assert car.use_push
+        h = 4096
+        gen = torch.Generator(device=dev).manual_seed(7)
+        w = torch.rand(h, device=dev, dtype=torch.bfloat16, generator=gen) + 0.5  # replicated norm weight
+        weights = {}
+        for k in (4096 // world, 14336 // world):  # o_proj's and down's input features per rank
+            g = torch.Generator(device=dev).manual_seed(100 * rank + k)
+            weights[k] = torch.randn(h, k, device=dev, dtype=torch.bfloat16, generator=g) / k**0.5
+
+        def reference(x, wt, res):
+            return car.all_reduce_add_rms_norm(triton_gemv.gemv(x, wt), res, w, 1e-5)
+
+        for k, wt in weights.items():
+            x, _ = _inputs(k, torch.bfloat16, rank, seed=k, dev=dev)
+            x = x.view(1, k)
+            res = torch.randn(1, h, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(k))
+            y = car.pushed_gemv(x, wt)
+            assert y is not None, f"the pushed GEMV does not take [1, {k}] x [{h}, {k}]"
+            out, res_out = car.all_reduce_add_rms_norm(y, res, w, 1e-5)
+            want_out, want_res = reference(x, wt, res)
+            what = f"{world} ranks, K {k}"
+            assert torch.equal(res_out, want_res), what
+            torch.testing.assert_close(out.float(), want_out.float(), atol=0.05, rtol=0.02, msg=what)
+            _same_on_every_rank(out, world, what)
+        xo, xd = (torch.zeros(1, k, device=dev, dtype=torch.bfloat16) for k in weights)
+        ro = torch.zeros(1, h, device=dev, dtype=torch.bfloat16)
+        plain = torch.zeros(3000, device=dev, dtype=torch.bfloat16)
+        plain_out = torch.zeros_like(plain)
+        wo, wd = weights.values()
+
+        def layers():
+            a, ra = car.all_reduce_add_rms_norm(car.pushed_gemv(xo, wo), ro, w, 1e-5)
+            plain_out.copy_(plain)
+            car.all_reduce(plain_out)
+            b, rb = car.all_reduce_add_rms_norm(car.pushed_gemv(xd, wd), ra, w, 1e-5)
+            return a, ra, b, rb
+
+        layers()  # compiled outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            a, ra, b, rb = layers()
+        for it in range(8):
+            for t, k in ((xo, 1), (xd, 2), (ro, 3), (plain, 4)):
+                t.copy_(_inputs(t.numel(), torch.bfloat16, rank, seed=2000 + it * 10 + k, dev=dev)[0].view_as(t))
+            g.replay()
+            want_a, want_ra = reference(xo, wo, ro)
+            want_plain = car.all_reduce(plain.clone())
+            want_b, want_rb = reference(xd, wd, want_ra)
+            what = f"replay {it}, {world} ranks"
+            _check(plain_out, want_plain, True, what + " (plain)")
+            assert torch.equal(ra, want_ra) and torch.equal(rb, want_rb), what
+            torch.testing.assert_close(a.float(), want_a.float(), atol=0.05, rtol=0.02, msg=what)
+            torch.testing.assert_close(b.float(), want_b.float(), atol=0.05, rtol=0.02, msg=what)
+            _same_on_every_rank(rb, world, what)
+        torch.cuda.synchronize()
+        assert car.errors() == 0
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES or [2])
+def test_pushed_all_reduce(world, tmp_path):
+    if NUM_GPUS < world:
+        pytest.skip(f"needs {world} GPUs, have {NUM_GPUS}")
+    _spawn(_pushed_worker, world, tmp_path)
+
+
 @pytest.mark.parametrize("ll", [False, True], ids=["flag-kernel", "ll"])
 @pytest.mark.parametrize("world", WORLD_SIZES or [2])
 def test_fused_all_reduce_add_rms_norm(world, ll, tmp_path):
