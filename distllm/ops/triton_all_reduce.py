@@ -97,8 +97,11 @@ def _signal_and_wait(flag_addrs, pid, seq, max_spin, err_ptr, RANK: tl.constexpr
 
 @triton.jit
 def _advance(state_ptr, seq, nprog):
-    """Step 5: the last block to finish advances the sequence number (every other block has read it)."""
-    if tl.atomic_add(state_ptr + 1, 1) == nprog - 1:
+    """Step 5: the last block to finish advances the sequence number (every other block has read
+    it). A lone block (a decode row) just stores it: no atomic round trip at the kernel's tail."""
+    if nprog == 1:
+        tl.store(state_ptr, seq)
+    elif tl.atomic_add(state_ptr + 1, 1) == nprog - 1:
         tl.store(state_ptr + 1, 0)
         tl.store(state_ptr, seq)
 
