@@ -141,12 +141,14 @@ def reference_batch1(model_dir):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_tp_pushed_all_reduce_matches_tp1(model_dir, reference_batch1, tp, monkeypatch):
+def test_tp_pushed_all_reduce_matches_tp1(model_dir, reference_batch1, tp, monkeypatch, capfd):
     """Batch-1 decode, the rows the pushed all-reduce takes (DISTLLM_ALL_REDUCE_PUSH=1: o_proj's
     and down's GEMVs push their outputs), in CUDA graphs, against TP=1."""
     if NUM_GPUS < tp:
         pytest.skip(f"needs {tp} GPUs, have {NUM_GPUS}")
     monkeypatch.setenv("DISTLLM_ALL_REDUCE_PUSH", "1")
     got = _run(model_dir, tp, "mp", PROMPTS[:1])
+    logs = capfd.readouterr()
+    assert "pushed all-reduce" in logs.err + logs.out, "the workers did not turn the pushed all-reduce on"
     print(f"tp={tp} pushed: ref {reference_batch1[0]}\n got {got[0]}")
     _agrees(reference_batch1, got)
