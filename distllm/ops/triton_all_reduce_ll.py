@@ -32,8 +32,8 @@ on every rank (distributed/custom_all_reduce).
 The flag-in-word kernel on its own is off by default: measured slower than the flag kernel on
 2 x H200 (one 4096-wide bf16 row in a CUDA graph: 6.6-7.5 against 4.7-5.5 us, twelfth and
 eighteenth sessions, benchmarks/README.md; TP=2 decode 369.7 against 373.7 tok/s).
-DISTLLM_ALL_REDUCE_LL=1 turns it on, when every rank sets it (distributed/custom_all_reduce checks that they agree: a rank using it while a peer did
-not would wait forever).
+DISTLLM_ALL_REDUCE_LL=1 turns it on, when every rank sets it (distributed/custom_all_reduce
+checks that they agree: a rank using it while a peer did not would wait forever).
 """
 
 from __future__ import annotations
