@@ -14,11 +14,6 @@ it there (custom_all_reduce.DEFAULT_MAX_BYTES): this table is what that limit is
 A second table times what decode runs after each row-parallel layer, the all-reduce fused with
 the residual add and RMSNorm, on rows of --hidden bf16 (--norm-rows), with the flag kernel and
 with the flag-in-word one (ops/triton_all_reduce_ll, DISTLLM_ALL_REDUCE_LL), in CUDA graphs.
-
-A third table times a row-parallel layer's decode GEMV ([1, K] x [hidden, K], K from --gemv-k,
-eight weights in turn so they come from HBM) and the all-reduce + add + RMSNorm after it: the
-GEMV alone, the GEMV then the flag kernel, and the pushed all-reduce (the GEMV pushes its
-output to the peers, the norm kernel only awaits it; DISTLLM_ALL_REDUCE_PUSH).
 """
 
 from __future__ import annotations
@@ -122,47 +117,8 @@ def _fused_norm_rows(car, norm_rows: list[int], hidden: int, dev) -> list[dict]:
     return rows_out
 
 
-def _gemv_norm_rows(car, ks: list[int], hidden: int, dev) -> list[dict]:
-    """Graph µs per layer of the decode GEMV alone, GEMV + flag kernel, pushed GEMV + awaiting
-    norm kernel, per K (every rank sets car.use_push alike, as the engine's agreement would);
-    the pushed sum is checked against the flag kernel's first (same order of sums: equal)."""
-    import itertools
-
-    from distllm.ops import triton_gemv
-
-    out = []
-    w = torch.ones(hidden, dtype=torch.bfloat16, device=dev)
-    res = torch.zeros(1, hidden, dtype=torch.bfloat16, device=dev)
-    for k in ks:
-        g = torch.Generator(device=dev).manual_seed(k + dist.get_rank())
-        weights = [torch.randn(hidden, k, dtype=torch.bfloat16, device=dev, generator=g) / k**0.5 for _ in range(8)]
-        x = torch.randn(1, k, dtype=torch.bfloat16, device=dev, generator=g)
-        row = {"k": k, "hidden": hidden}
-        car.use_push = True
-        y = car.pushed_gemv(x, weights[0])
-        if y is None:
-            car.use_push = False
-            row["pushed_applies"] = False
-            out.append(row)
-            continue
-        _, pushed_sum = car.all_reduce_add_rms_norm(y, res, w, 1e-5)
-        car.use_push = False
-        _, flag_sum = car.all_reduce_add_rms_norm(triton_gemv.gemv(x, weights[0]), res, w, 1e-5)
-        row["pushed_matches_flag"] = bool(torch.equal(pushed_sum, flag_sum))
-        ws = itertools.cycle(weights)
-        row["gemv_graph_us"] = _time_graph(lambda t: triton_gemv.gemv(t, next(ws)), x, dev)
-        row["flag_graph_us"] = _time_graph(
-            lambda t: car.all_reduce_add_rms_norm(triton_gemv.gemv(t, next(ws)), res, w, 1e-5), x, dev)
-        car.use_push = True
-        row["pushed_graph_us"] = _time_graph(
-            lambda t: car.all_reduce_add_rms_norm(car.pushed_gemv(t, next(ws)), res, w, 1e-5), x, dev)
-        car.use_push = False
-        out.append(row)
-    return out
-
-
 def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: str | None,
-            norm_rows: list[int] | None = None, hidden: int = 4096, gemv_ks: list[int] | None = None) -> None:
+            norm_rows: list[int] | None = None, hidden: int = 4096) -> None:
     from distllm.distributed.custom_all_reduce import BUFFER_BYTES, init_custom_all_reduce
 
     torch.cuda.set_device(rank)
@@ -188,7 +144,6 @@ def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: s
             row["custom_used_by_engine"] = car.should_use(x)
         rows.append(row)
     norm = _fused_norm_rows(car, norm_rows or [], hidden, dev) if car is not None else []
-    gemv_rows = _gemv_norm_rows(car, gemv_ks or [], hidden, dev) if car is not None else []
     if car is not None:
         torch.cuda.synchronize()
         assert car.errors() == 0, "custom all-reduce barrier timed out"
@@ -198,13 +153,6 @@ def _worker(rank: int, world: int, init_file: str, sizes: list[int], out_path: s
             print(f"all-reduce + add + RMSNorm, {r['rows']} x {r['hidden']} bf16, graph µs: flag kernel "
                   f"{_fmt(r['flag_graph_us']).strip()} (== NCCL: {r['flag_matches_nccl']}), LL "
                   f"{_fmt(r.get('ll_graph_us')).strip()} (== NCCL: {r.get('ll_matches_nccl', '-')})")
-        for r in gemv_rows:
-            head = f"GEMV [1, {r['k']}] x [{r['hidden']}, {r['k']}] then all-reduce + add + RMSNorm, graph µs:"
-            if not r.get("pushed_applies", True):
-                print(f"{head} the pushed GEMV does not take this shape")
-                continue
-            print(f"{head} GEMV alone {r['gemv_graph_us']:.1f}, + flag kernel {r['flag_graph_us']:.1f}, "
-                  f"pushed {r['pushed_graph_us']:.1f} (pushed sum == flag kernel's: {r['pushed_matches_flag']})")
     _barrier(dev)
     dist.destroy_process_group()
 
@@ -244,10 +192,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="8K,64K,2M", help="message sizes in bytes (K, M suffixes)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--norm-rows", default="1,8", help="row counts for the fused all-reduce + norm table ('' = none)")
-    ap.add_argument("--hidden", type=int, default=4096, help="row width of those tables")
-    ap.add_argument("--gemv-k", default=None,
-                    help="K of the GEMV + all-reduce table ('' = none; default: an 8B o_proj's and down's "
-                         "inputs per rank, 4096 / W and 14336 / W)")
+    ap.add_argument("--hidden", type=int, default=4096, help="row width of that table")
     args = ap.parse_args()
     if torch.cuda.device_count() < args.world_size:
         sys.exit(f"needs {args.world_size} GPUs, have {torch.cuda.device_count()}")
@@ -255,10 +200,8 @@ def main() -> None:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as d:
         norm_rows = [int(r) for r in args.norm_rows.split(",") if r.strip()]
-        ks = args.gemv_k if args.gemv_k is not None else f"{4096 // args.world_size},{14336 // args.world_size}"
-        gemv_ks = [int(k) for k in ks.split(",") if k.strip()]
-        mp.spawn(_worker, args=(args.world_size, os.path.join(d, "init"), sizes, args.out, norm_rows, args.hidden,
-                                gemv_ks), nprocs=args.world_size, join=True)
+        mp.spawn(_worker, args=(args.world_size, os.path.join(d, "init"), sizes, args.out, norm_rows, args.hidden),
+                 nprocs=args.world_size, join=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 their resources (registers a thread, stack spilled, shared memory) from the cubin.
 
     python benchmarks/kernel_aot.py gate_up --n 3584 --k 4096 --tiles 8,1024,4,4 2,1024,4,4
-    python benchmarks/kernel_aot.py gemv --n 4096 --k 4096 --tiles 8,1024,4,4 [--push 4]
+    python benchmarks/kernel_aot.py gemv --n 4096 --k 4096 --tiles 8,1024,4,4
     python benchmarks/kernel_aot.py decode_attn --heads 32 --kv-heads 8 --head-dim 128 --warps 4 8
     python benchmarks/kernel_aot.py paged_attn --warps 4 8
 
@@ -196,11 +196,7 @@ def _drive(args: argparse.Namespace, tiles: tuple[int, ...]) -> None:
     if args.op == "gate_up":
         triton_gemv.gemv_gate_up(x, torch.zeros(2 * args.n, args.k, dtype=bf), config=tiles)
     else:
-        push = None
-        if args.push:  # the pushed all-reduce's epilogue, rank 0 of args.push ranks
-            regions = tuple(torch.zeros(2 * args.push * 64, dtype=torch.int64) for _ in range(args.push))
-            push = triton_gemv.PushTarget(regions, torch.zeros(2, dtype=torch.int64), 64, 0)
-        triton_gemv.gemv(x, torch.zeros(args.n, args.k, dtype=bf), config=tiles, push=push)
+        triton_gemv.gemv(x, torch.zeros(args.n, args.k, dtype=bf), config=tiles)
 
 
 def _triton_version() -> str:
@@ -216,8 +212,6 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4096, help="gemv / gate_up: inputs")
     ap.add_argument("--tiles", nargs="+", default=[],
                     help="gemv / gate_up: BLOCK_N,BLOCK_K,num_warps[,num_stages] each")
-    ap.add_argument("--push", type=int, default=0,
-                    help="gemv: with the pushed all-reduce's epilogue for this many ranks (0: without)")
     ap.add_argument("--heads", type=int, default=32, help="decode_attn / paged_attn: query heads")
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)

@@ -55,10 +55,6 @@ ENV_MAX_BYTES = "DISTLLM_CUSTOM_ALLREDUCE_MAX_BYTES"
 # (ops/triton_all_reduce_ll); off: slower than the flag kernel on 2 x H200. Used only when every
 # rank sets it.
 ENV_LL = "DISTLLM_ALL_REDUCE_LL"
-# "1": a row-parallel layer's decode GEMV pushes its partial output to every peer as flag-in-word
-# words in its epilogue, and the next all-reduce + add + RMSNorm only awaits them (the pushed
-# all-reduce). Used only when every rank sets it.
-ENV_PUSH = "DISTLLM_ALL_REDUCE_PUSH"
 SUPPORTED_WORLD_SIZES = (2, 4, 8)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -95,11 +91,6 @@ def max_bytes_for(world_size: int, env: Mapping[str, str] = os.environ) -> int:
 def ll_requested(env: Mapping[str, str] = os.environ) -> bool:
     """Does this rank ask for the flag-in-word kernel (ENV_LL)? Used when every rank does."""
     return _env_flag(env, ENV_LL)
-
-
-def push_requested(env: Mapping[str, str] = os.environ) -> bool:
-    """Does this rank ask for the pushed all-reduce (ENV_PUSH)? Used when every rank does."""
-    return _env_flag(env, ENV_PUSH)
 
 
 def unsupported_reason(device_type: str, world_size: int, env: Mapping[str, str] = os.environ) -> str | None:
@@ -193,8 +184,6 @@ class CustomAllReduce:
     _data: dict = field(default_factory=dict)
     flag_addrs: torch.Tensor = field(default=None)  # int64[W]: every rank's flags
     use_ll: bool = False  # decode rows through the flag-in-word kernel (ops/triton_all_reduce_ll)
-    use_push: bool = False  # row-parallel decode GEMVs push their output (pushed_gemv)
-    _pushed: torch.Tensor | None = None  # a pushed_gemv output the next all-reduce + norm must take
 
     def __post_init__(self) -> None:
         from distllm.ops.triton_all_reduce import data_bytes, flag_words
@@ -232,26 +221,18 @@ class CustomAllReduce:
         No host sync and fixed buffers: safe to capture in a CUDA graph."""
         from distllm.ops.triton_all_reduce import launch_one_shot
 
-        self._check_no_pending_push()
         if x.numel() * x.element_size() > BUFFER_BYTES:
             raise ValueError(f"{x.numel() * x.element_size()} bytes exceed the {BUFFER_BYTES}-byte buffer")
         out = x if out is None else out
         launch_one_shot(x, out, self._bufs(x.dtype), self.flag_addrs, self.state, self.err, self.rank, self.max_spin)
         return out
 
-    def _check_no_pending_push(self) -> None:
-        if self._pushed is not None:
-            self._pushed = None
-            raise RuntimeError("a pushed GEMV output was not summed by the next all-reduce + RMSNorm: "
-                               "pushed_gemv's caller must hand its output to all_reduce_add_rms_norm next")
-
     def should_use_fused_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether all_reduce_add_rms_norm takes these: x as for should_use, [rows, N] rows of at
-        most MAX_NORM_ROW elements, residual like x, weight [N] of x's dtype. Always for the
-        output of pushed_gemv (its peers already pushed theirs)."""
+        most MAX_NORM_ROW elements, residual like x, weight [N] of x's dtype."""
         from distllm.ops.triton_all_reduce import MAX_NORM_ROW
 
-        return x is self._pushed or (
+        return (
             self.should_use(x)
             and x.dim() == 2
             and x.shape[1] <= MAX_NORM_ROW
@@ -263,27 +244,6 @@ class CustomAllReduce:
             and weight.is_contiguous()
         )
 
-    def pushed_gemv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """x @ weight.T (a row-parallel layer's partial output) through the decode GEMV, which
-        also pushes its output to every peer as flag-in-word words; the caller must hand it to
-        all_reduce_add_rms_norm next, which then only awaits the peers' words: no separate
-        push, no fence, no flag (ops/triton_all_reduce_ll). None where it doesn't apply (the
-        caller runs its usual linear). Every rank decides alike: same shapes, same settings."""
-        from distllm.ops import dispatch, triton_gemv
-        from distllm.ops import triton_all_reduce_ll as ll
-
-        if not self.use_push or x.device != self.device or x.dim() != 2 or not dispatch.use_triton(x):
-            return None
-        m, n = x.shape[0], weight.shape[0]
-        if not (triton_gemv.can_push(x, weight) and ll.fits(m, n, x.element_size())
-                and m * n * x.element_size() <= self.max_bytes):
-            return None
-        self._check_no_pending_push()
-        slot_words = self.ll_bufs[self.rank].numel() // (2 * self.world_size)
-        y = triton_gemv.gemv(x, weight, push=triton_gemv.PushTarget(self.ll_bufs, self.state, slot_words, self.rank))
-        self._pushed = y
-        return y
-
     def all_reduce_add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,17 +253,6 @@ class CustomAllReduce:
         from distllm.ops.triton_all_reduce import launch_all_reduce_add_rms_norm
 
         out, res_out = torch.empty_like(x), torch.empty_like(x)
-        if self._pushed is not None:
-            if x is not self._pushed:
-                self._check_no_pending_push()
-            self._pushed = None
-            if residual.shape != x.shape or residual.dtype != x.dtype or weight.shape != (x.shape[1],):
-                raise ValueError(f"pushed rows {tuple(x.shape)} {x.dtype}: residual {tuple(residual.shape)} "
-                                 f"{residual.dtype} and weight {tuple(weight.shape)} must match them")
-            ll.launch_ll_all_reduce_add_rms_norm(x, residual.contiguous(), weight.contiguous(), eps, out, res_out,
-                                                 self.ll_bufs, self.state, self.err, self.rank, self.max_spin,
-                                                 pushed=True)
-            return out, res_out
         if self.use_ll and ll.fits(x.shape[0], x.shape[1], x.element_size()) and x.data_ptr() % 4 == 0:
             ll.launch_ll_all_reduce_add_rms_norm(x, residual, weight, eps, out, res_out, self.ll_bufs, self.state,
                                                  self.err, self.rank, self.max_spin)
@@ -390,8 +339,7 @@ def _self_test(car: CustomAllReduce) -> str | None:
         if not torch.equal(got, want):
             bad = (got != want).nonzero()[:4].flatten().tolist()
             return f"self-test: wrong sum for {n} bf16 elements at {bad}"
-    reason = _self_test_ll(car) if car.use_ll else None
-    return reason or (_self_test_push(car) if car.use_push else None)
+    return _self_test_ll(car) if car.use_ll else None
 
 
 def _ll_self_test_shapes() -> list[tuple[int, int]]:
@@ -421,41 +369,6 @@ def _self_test_ll(car: CustomAllReduce) -> str | None:
     return None
 
 
-# The pushed all-reduce's self-test: [1, K] @ [N, K].T on every rank, then the sum.
-_PUSH_TEST_N, _PUSH_TEST_K = 4096, 32
-
-
-def _push_test_inputs(rank: int, salt: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank `rank`'s x [1, K] and weight [N, K], entries in {-1, 0, 1}: every dot product and
-    every sum over up to 8 ranks is an integer of at most 256, exact in bf16."""
-    i = torch.arange(_PUSH_TEST_N * _PUSH_TEST_K, device=device).view(_PUSH_TEST_N, _PUSH_TEST_K)
-    w = ((i * (rank + 2) + salt) % 3 - 1).to(torch.bfloat16)
-    x = ((torch.arange(_PUSH_TEST_K, device=device) * (rank + 5) + salt) % 3 - 1).to(torch.bfloat16).view(1, -1)
-    return x, w
-
-
-def _self_test_push(car: CustomAllReduce) -> str | None:
-    """The pushed GEMV, then the all-reduce + norm that awaits its words, twice with changed
-    inputs: the residual output must be the exact sum of every rank's product."""
-    dev = car.device
-    results = []
-    for salt in (1, 2):
-        want = sum(torch.nn.functional.linear(*(t.float() for t in _push_test_inputs(r, salt, dev)))
-                   for r in range(car.world_size)).to(torch.bfloat16)
-        y = car.pushed_gemv(*_push_test_inputs(car.rank, salt, dev))
-        if y is None:
-            return "push self-test: the pushed GEMV does not take a [1, 32] x [4096, 32] bf16 product"
-        zero, ones = torch.zeros_like(y), torch.ones(y.shape[1], dtype=y.dtype, device=dev)
-        _, res = car.all_reduce_add_rms_norm(y, zero, ones, 1e-5)
-        results.append((res, want))
-    torch.cuda.synchronize(dev)
-    if car.errors():
-        return f"push self-test: {car.errors()} waits timed out"
-    if any(not torch.equal(res, want) for res, want in results):
-        return "push self-test: wrong sums"
-    return None
-
-
 def _precompile(car: CustomAllReduce) -> None:
     """Compile the bf16 kernel before the self-test, so no rank spins while a peer compiles."""
     from distllm.ops.triton_all_reduce import one_shot_all_reduce_kernel, one_shot_options
@@ -479,20 +392,6 @@ def _precompile(car: CustomAllReduce) -> None:
                     x, x, x[0], x, x, car.ll_bufs, car.state, car.err, rows, n, 1e-5,
                     car.ll_bufs[0].numel() // (2 * car.world_size), car.max_spin,
                     **ll_options(car.rank, car.world_size, x), grid=(1,))
-        if car.use_push:
-            from distllm.ops import triton_gemv
-            from distllm.ops.triton_all_reduce_ll import ll_all_reduce_add_rms_norm_kernel, ll_options
-
-            # The GEMV runs into local scratch words (no peer sees them); the receiving kernel
-            # only compiles (it would wait for words no peer sends).
-            scratch = tuple(torch.zeros_like(b) for b in car.ll_bufs[:1]) * car.world_size
-            slot_words = scratch[0].numel() // (2 * car.world_size)
-            x, w = _push_test_inputs(car.rank, 0, car.device)
-            triton_gemv.gemv(x, w, push=triton_gemv.PushTarget(scratch, car.state.clone(), slot_words, car.rank))
-            y = torch.empty(1, _PUSH_TEST_N, dtype=torch.bfloat16, device=car.device)
-            ll_all_reduce_add_rms_norm_kernel.warmup(
-                y, y, y[0], y, y, car.ll_bufs, car.state, car.err, 1, _PUSH_TEST_N, 1e-5, slot_words, car.max_spin,
-                PUSHED=True, **ll_options(car.rank, car.world_size, y), grid=(1,))
     except Exception as e:  # noqa: BLE001 - only an optimisation: the first launch compiles
         logger.debug("custom all-reduce: precompile skipped: %s", e)
 
@@ -516,15 +415,13 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     # the custom path on one rank and NCCL on another would hang both.
     host = zlib.crc32(os.uname().nodename.encode())
     index = -1 if device.index is None else device.index
-    info = torch.tensor([host, index, max_bytes_for(world_size), int(ll_requested()), int(push_requested())],
-                        dtype=torch.int64, device=device)
+    info = torch.tensor([host, index, max_bytes_for(world_size), int(ll_requested())], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(info) for _ in range(world_size)]
     dist.all_gather(gathered, info, group=group)
     hosts = [int(t[0]) for t in gathered]
     devices = [int(t[1]) for t in gathered]
     max_bytes = min(int(t[2]) for t in gathered)
     use_ll = all(int(t[3]) for t in gathered)  # every rank, or none: a mix would wait forever
-    use_push = all(int(t[4]) for t in gathered)  # likewise
     if reason is None:
         reason = topology_reason(hosts, devices, rank, torch.cuda.can_device_access_peer)
     if reason is None:
@@ -538,7 +435,7 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     try:
         hdl, views, offset = _symmetric_buffer(buffer_bytes(world_size), group, rank, world_size, device)
         car = CustomAllReduce(rank=rank, world_size=world_size, device=device, max_bytes=max_bytes,
-                              peers_u8=views, handle=hdl, use_ll=use_ll, use_push=use_push)
+                              peers_u8=views, handle=hdl, use_ll=use_ll)
     except Exception as e:  # noqa: BLE001 - any failure here means NCCL only
         reason = f"symmetric memory: {type(e).__name__}: {e}"
     offsets = torch.tensor([offset], dtype=torch.int64, device=device)
@@ -567,8 +464,7 @@ def init_custom_all_reduce(group, rank: int, world_size: int, device: torch.devi
     if rank == 0:
         logger.info("custom all-reduce on: one-shot over NVLink, %d ranks, messages <= %d KB (larger: NCCL)%s",
                     world_size, car.max_bytes >> 10,
-                    ("; decode rows' all-reduce + norm with the flag in every word (LL)" if car.use_ll else "")
-                    + ("; row-parallel decode GEMVs push their output (pushed all-reduce)" if car.use_push else ""))
+                    "; decode rows' all-reduce + norm with the flag in every word (LL)" if car.use_ll else "")
     return car
 
 

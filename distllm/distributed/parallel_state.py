@@ -68,14 +68,6 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tp_pushed_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """x @ weight.T for a row-parallel layer whose sum over ranks tp_all_reduce_add_rms_norm
-    takes next, its output pushed to the peers as it is made (CustomAllReduce.pushed_gemv);
-    None where that path is off or doesn't apply."""
-    car = _TP.custom_ar if _TP.size > 1 else None
-    return None if car is None else car.pushed_gemv(x, weight)
-
-
 def tp_all_reduce_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

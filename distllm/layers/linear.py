@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce, tp_pushed_gemv
+from distllm.distributed.parallel_state import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from distllm.layers.quantized import GGUFQuantizedTensor, QuantizedWeight, deferred_device
 from distllm.ops import dispatch
 
@@ -249,11 +249,6 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """``gated``: x is a gated MLP's [gate | up]; SiLU-and-mul is applied first (fused into
         the decode GEMV where it takes this layer)."""
-        if not self.reduce_results and self.bias is None and self.qweight is None and not gated:
-            # The next norm sums the ranks' outputs: the GEMV may push this rank's to the peers.
-            y = tp_pushed_gemv(x, self.weight)
-            if y is not None:
-                return y
         y = self._linear(x, None, gated)
         if self.reduce_results:
             y = tp_all_reduce(y)

@@ -18,22 +18,11 @@ has read back to 0, so a word left from an earlier call never shows a current fl
 many calls ago it was written; the peer's next write to that word comes two calls later, after
 this kernel has ended.
 
-The pushed all-reduce (`push_words`, the kernel's PUSHED variant): a row-parallel layer's
-decode GEMV writes its output tiles as these words straight into every peer's region from its
-epilogue, and the all-reduce + add + RMSNorm launched after it has nothing to push. It awaits the
-peers' words before its PDL wait, so their NVLink trip overlaps the drain of this rank's GEMV,
-then reads this rank's own part and sums, adds and normalises as below. What leaves each
-layer's chain: the wait for the whole GEMV grid before the push, the reload of its output, the
-push and its release fence. The GEMV reads the call number (`state`) after its own PDL wait:
-the all-reduce that last advanced it has finished by then. Words hold element pairs, so a
-GEMV tile must cover whole pairs (`triton_gemv.can_push`). Off unless DISTLLM_ALL_REDUCE_PUSH=1
-on every rank (distributed/custom_all_reduce).
-
-The flag-in-word kernel on its own is off by default: measured slower than the flag kernel on
-2 x H200 (one 4096-wide bf16 row in a CUDA graph: 6.6-7.5 against 4.7-5.5 us, twelfth and
-eighteenth sessions, benchmarks/README.md; TP=2 decode 369.7 against 373.7 tok/s).
-DISTLLM_ALL_REDUCE_LL=1 turns it on, when every rank sets it (distributed/custom_all_reduce
-checks that they agree: a rank using it while a peer did not would wait forever).
+Off by default: measured slower than the flag kernel on 2 x H200 (one 4096-wide bf16 row in a
+CUDA graph: 6.6-7.5 against 4.7-5.5 us, twelfth and eighteenth sessions, benchmarks/README.md;
+TP=2 decode 369.7 against 373.7 tok/s). DISTLLM_ALL_REDUCE_LL=1 turns it on, when every rank
+sets it (distributed/custom_all_reduce checks that they agree: a rank using it while a peer did
+not would wait forever).
 """
 
 from __future__ import annotations
@@ -61,48 +50,21 @@ def fits(n_rows: int, n: int, element_size: int) -> bool:
 
 
 @triton.jit
-def _await_words(src, mask, flag, max_spin, err_ptr):
-    """The words at src (any shape) once each shows `flag` (volatile loads: from L2, not a stale
-    L1 line). A wait past max_spin polls adds 1 to err and goes on."""
+def _receive(src, mask, flag, max_spin, err_ptr):
+    """The words at src [BLOCK] once each shows `flag` (volatile loads: from L2, not a stale
+    L1 line), then cleared to 0 in place. A wait past max_spin polls adds 1 to err and goes on."""
     words = tl.load(src, mask=mask, other=0, volatile=True)
     ok = ((words >> 32) == flag) | (mask == 0)
     spins = max_spin * 0  # an int32 tensor, like the value it is re-assigned in the loop
-    while (tl.min(ok.to(tl.int32), axis=None) == 0) & (spins < max_spin):
+    while (tl.min(ok.to(tl.int32), axis=0) == 0) & (spins < max_spin):
         again = tl.load(src, mask=mask & (ok == 0), other=0, volatile=True)
         words = tl.where(ok, words, again)
         ok = ((words >> 32) == flag) | (mask == 0)
         spins += 1
-    if tl.sum((ok == 0).to(tl.int32), axis=None) > 0:
+    if tl.sum((ok == 0).to(tl.int32), axis=0) > 0:
         tl.atomic_add(err_ptr, 1)
-    return words
-
-
-@triton.jit
-def _receive(src, mask, flag, max_spin, err_ptr):
-    """_await_words, then the words cleared to 0 in place."""
-    words = _await_words(src, mask, flag, max_spin, err_ptr)
     tl.store(src, tl.zeros_like(words), mask=mask)
     return words
-
-
-@triton.jit
-def push_words(y, offs_m, mask_m, pid_n, N, bufs, seq, slot_words, RANK: tl.constexpr,
-               WORLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A decode GEMV's epilogue, the push half of the pushed all-reduce: y [BLOCK_M, BLOCK_N]
-    (16-bit; rows offs_m and columns pid_n * BLOCK_N + [0, BLOCK_N) of this rank's partial
-    output, N and BLOCK_N even) as LL words into slot [parity][RANK] of every peer's region,
-    for call `seq`, the one the next all-reduce kernel will make (this rank's `state` + 1)."""
-    parity = seq % 2
-    flag = seq % 2147483647 + 1
-    bits = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF  # [BM, BN]
-    lo, hi = tl.split(tl.reshape(bits, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN / 2] each
-    word = (flag.to(tl.int64) << 32) | (hi.to(tl.int64) << 16) | lo.to(tl.int64)
-    col = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    dst = (parity * WORLD + RANK) * slot_words + offs_m.to(tl.int64)[:, None] * (N // 2) + col[None, :]
-    mask = mask_m[:, None] & (col < N // 2)[None, :]
-    for p in tl.static_range(WORLD):
-        if p != RANK:
-            tl.store(bufs[p] + dst, word, mask=mask)
 
 
 @triton.jit
@@ -130,52 +92,33 @@ def ll_all_reduce_add_rms_norm_kernel(
     WORLD: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words (element pairs) of a row, a power of two
     USE_PDL: tl.constexpr = False,
-    PUSHED: tl.constexpr = False,  # the peers' GEMVs pushed their words already (push_words)
 ):
     """triton_all_reduce.all_reduce_add_rms_norm_kernel's result, rounded where it rounds (only
     the order of the sum of squares differs), one row per block step; even and odd elements of
-    a row travel as one word and are summed side by side.
-
-    PUSHED: this rank's GEMV pushed x (push_words), so there is nothing to push. The peers'
-    words depend on no kernel of this rank: they are awaited before the PDL wait, while this
-    rank's GEMV drains. `state` may be read before it too: the all-reduce that last wrote it
-    finished before any kernel since got past its own wait."""
+    a row travel as one word and are summed side by side."""
+    pdl_wait(USE_PDL)  # as in triton_all_reduce
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq = tl.load(state_ptr) + 1
+    parity = seq % 2
+    flag = seq % 2147483647 + 1
     dtype = x_ptr.dtype.element_ty
     half = N // 2
     pairs = tl.arange(0, BLOCK_W)
     pmask = pairs < half
+    x_bits = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    row = pid
+    while row < n_rows:
+        bits = tl.load(x_bits + row.to(tl.int64) * half + pairs, mask=pmask, other=0)
+        word = (flag.to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
+        dst = (parity * WORLD + RANK) * slot_words + row.to(tl.int64) * half + pairs
+        for p in tl.static_range(WORLD):
+            if p != RANK:
+                tl.store(ll_bufs[p] + dst, word, mask=pmask)
+        row += nprog
     even = 2 * pairs
-    w_e = tl.load(w_ptr + even, mask=pmask, other=0.0).to(tl.float32)  # no kernel writes it
+    w_e = tl.load(w_ptr + even, mask=pmask, other=0.0).to(tl.float32)
     w_o = tl.load(w_ptr + even + 1, mask=pmask, other=0.0).to(tl.float32)
-    if PUSHED:
-        seq = tl.load(state_ptr) + 1
-        parity = seq % 2
-        flag = seq % 2147483647 + 1
-        lanes = tl.arange(0, WORLD)
-        slots = ll_bufs[RANK] + (parity * WORLD + lanes.to(tl.int64))[:, None] * slot_words  # [W, 1]
-        row = pid
-        while row < n_rows:  # every peer's words at once: one poll covers them all
-            _await_words(slots + row.to(tl.int64) * half + pairs[None, :], (lanes != RANK)[:, None] & pmask[None, :],
-                         flag, max_spin, err_ptr)
-            row += nprog
-        pdl_wait(USE_PDL)
-    else:
-        pdl_wait(USE_PDL)  # as in triton_all_reduce
-        seq = tl.load(state_ptr) + 1
-        parity = seq % 2
-        flag = seq % 2147483647 + 1
-        x_bits = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        row = pid
-        while row < n_rows:
-            bits = tl.load(x_bits + row.to(tl.int64) * half + pairs, mask=pmask, other=0)
-            word = (flag.to(tl.int64) << 32) | (bits.to(tl.int64) & 0xFFFFFFFF)
-            dst = (parity * WORLD + RANK) * slot_words + row.to(tl.int64) * half + pairs
-            for p in tl.static_range(WORLD):
-                if p != RANK:
-                    tl.store(ll_bufs[p] + dst, word, mask=pmask)
-            row += nprog
     row = pid
     while row < n_rows:
         offs = row.to(tl.int64) * N + even
@@ -199,7 +142,7 @@ def ll_all_reduce_add_rms_norm_kernel(
         tl.store(res_out_ptr + offs + 1, xs_o, mask=pmask)
         xf_e = xs_e.to(tl.float32)
         xf_o = xs_o.to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(xf_e * xf_e + xf_o * xf_o, axis=0) / N + eps)  # one block-wide reduction
+        rstd = tl.math.rsqrt((tl.sum(xf_e * xf_e, axis=0) + tl.sum(xf_o * xf_o, axis=0)) / N + eps)
         y_e = (xf_e * rstd).to(dtype).to(tl.float32) * w_e  # HF: cast before the weight
         y_o = (xf_o * rstd).to(dtype).to(tl.float32) * w_o
         tl.store(out_ptr + offs, y_e.to(out_ptr.dtype.element_ty), mask=pmask)
@@ -216,13 +159,12 @@ def ll_options(rank: int, world: int, x) -> dict:
 
 
 def launch_ll_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_out, ll_bufs: tuple, state, err,
-                                      rank: int, max_spin: int, pushed: bool = False) -> None:
+                                      rank: int, max_spin: int) -> None:
     """out, res_out = rms_norm(sum over ranks of x + residual), sum over ranks of x + residual.
     x, residual, out, res_out: contiguous [n_rows, N] of a 16-bit dtype (fits()), x 4-byte
     aligned (its element pairs are read as 32-bit words); weight [N];
     ll_bufs: every rank's LL region as int64 (region_bytes() long, zeroed before first use);
-    state, err: as for triton_all_reduce.launch_one_shot (the same state); pushed: x came from
-    a GEMV that pushed it (push_words), on every rank."""
+    state, err: as for triton_all_reduce.launch_one_shot (the same state)."""
     n_rows, n = x.shape
     if not fits(n_rows, n, x.element_size()):
         raise ValueError(f"[{n_rows}, {n}] {x.dtype} rows don't fit the LL slots ({LL_SLOT_WORDS} words)")
@@ -231,4 +173,4 @@ def launch_ll_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_
     world = len(ll_bufs)
     launch(ll_all_reduce_add_rms_norm_kernel, (max(1, min(n_rows, MAX_BLOCKS)),),
            x, residual, weight, out, res_out, ll_bufs, state, err, n_rows, n, eps,
-           ll_bufs[rank].numel() // (2 * world), max_spin, PUSHED=pushed, **ll_options(rank, world, x))
+           ll_bufs[rank].numel() // (2 * world), max_spin, **ll_options(rank, world, x))

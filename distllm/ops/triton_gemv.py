@@ -22,7 +22,6 @@ limits come from.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -31,7 +30,6 @@ import triton.language as tl
 from distllm.ops.launch import launch
 from distllm.ops.pdl import launch_options, pdl_wait, use_pdl
 from distllm.ops.triton_activation import silu_mul
-from distllm.ops.triton_all_reduce_ll import push_words
 
 # On by default with the "oneshot" tiles: on an H200, SmolLM2-135M batch-1 decode went from
 # 1069.5 tok/s on cuBLAS to 1387.0 with this kernel (benchmarks/README.md). Its first tiles (the
@@ -124,17 +122,13 @@ def _gemv_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     USE_PDL: tl.constexpr, GATED: tl.constexpr = False,
-    push_bufs=None, push_state=None, push_slot_words=0,  # PUSH: see triton_all_reduce_ll.push_words
-    PUSH: tl.constexpr = False, PUSH_RANK: tl.constexpr = 0, PUSH_WORLD: tl.constexpr = 1,
 ):
     """y[m-tile, n-tile]: one program = BLOCK_N rows of W x BLOCK_M rows of x. BLOCK_M > 1 reads
     each weight tile once for several rows of x (a large weight then comes from HBM once).
     The first K step is peeled: its weight tile is loaded before the PDL wait (ops/pdl.py).
     GATED: x's rows are [gate | up] (2K wide) and the kernel multiplies silu(gate) * up,
     rounded exactly as the SiLU-and-mul kernel rounds it, so the MLP's activation needs no
-    launch (and no round trip through memory) of its own.
-    PUSH: y is a row-parallel layer's partial output, also pushed to every TP peer as the
-    flag-in-word all-reduce's words (the pushed all-reduce, distributed/custom_all_reduce)."""
+    launch (and no round trip through memory) of its own."""
     pid_n = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -154,17 +148,11 @@ def _gemv_kernel(
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
         x = _x_tile(x_rows, k, mask_m[:, None] & mask_k[None, :], K, GATED)  # [BM, BK]
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-    if PUSH:  # loaded before the reduction below, which then hides its latency
-        seq = tl.load(push_state) + 1
     y = tl.sum(acc, axis=2)  # [BM, BN]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    y = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptrs, y, mask=mask_m[:, None] & mask_n[None, :])
-    if PUSH:
-        push_words(y, offs_m, mask_m, pid_n, N, push_bufs, seq, push_slot_words, PUSH_RANK, PUSH_WORLD, BLOCK_M,
-                   BLOCK_N)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -240,29 +228,10 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ga
     )
 
 
-@dataclass(frozen=True)
-class PushTarget:
-    """Where gemv pushes its output for the pushed all-reduce (distributed/custom_all_reduce):
-    every rank's LL region (int64 views), this rank's call counter, the words of one slot."""
-
-    bufs: tuple
-    state: torch.Tensor
-    slot_words: int
-    rank: int
-
-
-def can_push(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Can gemv(x, weight, push=...) run: the kernel applies and a tile covers whole element
-    pairs (the pushed words hold two)."""
-    n = weight.shape[0]
-    return applies(x, weight, None) and n % 2 == 0 and gemv_config(n, weight.shape[1])[0] % 2 == 0
-
-
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, ...] | None = None, gated: bool = False, push: PushTarget | None = None) -> torch.Tensor:
+         config: tuple[int, ...] | None = None, gated: bool = False) -> torch.Tensor:
     """x [M, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in x's dtype, fp32 accumulation.
-    ``gated``: x is [M, 2K] = [gate | up] and silu(gate) * up takes its place (ops/triton_activation).
-    ``push``: also push the output to every TP peer (see can_push)."""
+    ``gated``: x is [M, 2K] = [gate | up] and silu(gate) * up takes its place (ops/triton_activation)."""
     m, k = x.shape
     if gated:
         if k % 2:
@@ -277,11 +246,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_n, block_k, warps, *rest = config or gemv_config(n, k)
     extra = {"num_stages": rest[0]} if rest and rest[0] else {}
     block_m = rest[1] if len(rest) > 1 else 1
-    if push is not None:
-        if block_n % 2 or n % 2 or x.element_size() != 2:
-            raise ValueError(f"can't push a [{m}, {n}] {x.dtype} output in tiles of {block_n} columns")
-        extra.update(push_bufs=push.bufs, push_state=push.state, push_slot_words=push.slot_words, PUSH=True,
-                     PUSH_RANK=push.rank, PUSH_WORLD=len(push.bufs))
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
     launch(_gemv_kernel, grid,
         x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),

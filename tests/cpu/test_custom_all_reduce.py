@@ -21,10 +21,8 @@ import triton  # noqa: F401  (a missing or broken interpreter must fail these te
 from triton.runtime.interpreter import InterpretedFunction
 
 import distllm.ops.pdl as _pdl
-import distllm.ops.triton_activation as _act
 import distllm.ops.triton_all_reduce as _tar
 import distllm.ops.triton_all_reduce_ll as _ll
-import distllm.ops.triton_gemv as _tg
 from distllm.distributed import custom_all_reduce as car_mod
 from distllm.distributed import parallel_state as ps
 from distllm.distributed.custom_all_reduce import (
@@ -47,10 +45,8 @@ def _interpreted_kernels():
     """Another module (tests/gpu/conftest.py) may have switched the kernels to compiled mode."""
     os.environ["TRITON_INTERPRET"] = "1"
     # The kernels call ops/pdl's jit helpers, which an earlier test may have imported compiled.
-    # In import order: the GEMV calls triton_all_reduce_ll's push_words and the activation's helper.
     for mod, fn in ((_pdl, "pdl_wait"), (_tar, "pdl_wait"), (_tar, "one_shot_all_reduce_kernel"),
-                    (_ll, "ll_all_reduce_add_rms_norm_kernel"), (_act, "silu_mul"), (_tg, "_gemv_kernel"),
-                    (_tg, "push_words")):
+                    (_ll, "ll_all_reduce_add_rms_norm_kernel")):
         if not isinstance(getattr(mod, fn), InterpretedFunction):
             importlib.reload(mod)
     yield
@@ -425,15 +421,18 @@ def _setup(world, rank, rows, n, seq, seed):
     return xs, residual, w, slot, regions
 
 
-def _ll_call_checked(world, rank, rows, n, seq, seed, pushed):
-    """One LL kernel call (call `seq`) on this rank with the peers' words in place; its outputs
-    checked against the all-reduce then the fused norm, and the call counted. -> (xs, slot, regions)"""
-    xs, residual, w, slot, regions = _setup(world, rank, rows, n, seq, seed)
+@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
+@pytest.mark.parametrize("rows,n", [(1, 576), (3, 64), (_tar.MAX_BLOCKS + 3, 16), (2, 90)])
+def test_ll_all_reduce_add_rms_norm(world, rank, rows, n):
+    """Outputs as the all-reduce then the fused norm give; this rank's words pushed to every
+    peer with the call's flag; the words it read cleared; the call counted."""
+    seq = 7
+    xs, residual, w, slot, regions = _setup(world, rank, rows, n, seq, seed=rows * n + world + rank)
     state = torch.tensor([seq - 1, 0], dtype=torch.int64)
     err = torch.zeros(1, dtype=torch.int32)
     out, res_out = torch.empty_like(residual), torch.empty_like(residual)
     _ll.launch_ll_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(regions), state, err,
-                                          rank, 100, pushed=pushed)
+                                          rank, 100)
     total = xs[0].float()
     for x in xs[1:]:
         total = total + x.float()
@@ -442,16 +441,6 @@ def _ll_call_checked(world, rank, rows, n, seq, seed, pushed):
     assert torch.equal(res_out, want_res)
     assert (out == want_out).float().mean() > 0.97  # the sum of squares in another order
     torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-3, atol=2e-3)
-    return xs, slot, regions
-
-
-@pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
-@pytest.mark.parametrize("rows,n", [(1, 576), (3, 64), (_tar.MAX_BLOCKS + 3, 16), (2, 90)])
-def test_ll_all_reduce_add_rms_norm(world, rank, rows, n):
-    """Outputs as the all-reduce then the fused norm give; this rank's words pushed to every
-    peer with the call's flag; the words it read cleared; the call counted."""
-    seq = 7
-    xs, slot, regions = _ll_call_checked(world, rank, rows, n, seq, rows * n + world + rank, pushed=False)
     used = rows * n // 2
     for p in range(world):
         slots = regions[p].view(2, world, slot)
@@ -486,101 +475,6 @@ def test_flag_is_never_zero_and_fits():
         _ll.launch_ll_all_reduce_add_rms_norm(x, x, x[0], 1e-5, x, x, (torch.zeros(8, dtype=torch.int64),) * 2,
                                               torch.zeros(2, dtype=torch.int64), torch.zeros(1, dtype=torch.int32),
                                               0, 1)
-
-
-# --- the pushed all-reduce: the GEMV pushes its output, the all-reduce + norm only awaits ---
-
-def _push_target(world, rank, slot, seq):
-    regions = tuple(torch.zeros(2 * world * slot, dtype=torch.int64) for _ in range(world))
-    return _tg.PushTarget(regions, torch.tensor([seq - 1, 0], dtype=torch.int64), slot, rank)
-
-
-@pytest.mark.parametrize("world,rank", [(2, 1), (4, 2), (8, 0)])
-@pytest.mark.parametrize("m,n,k,config", [(1, 96, 64, None), (2, 40, 48, None), (1, 64, 200, (8, 64, 4, 2))])
-def test_gemv_pushes_its_output_as_ll_words(world, rank, m, n, k, config):
-    """The output is the plain GEMV's; every peer's slot [parity][rank] holds it as this call's
-    words (the call after `state`'s), and nothing else of any region is written."""
-    seq = 6 + rank
-    g = torch.Generator().manual_seed(m * n + k + world)
-    x, w = torch.randn(m, k, generator=g).half(), torch.randn(n, k, generator=g).half()
-    slot = m * n // 2 + 3
-    push = _push_target(world, rank, slot, seq)
-    y = _tg.gemv(x, w, config=config, push=push)
-    assert torch.equal(y, _tg.gemv(x, w, config=config))
-    assert push.state.tolist() == [seq - 1, 0]  # the all-reduce kernel counts the call, not the GEMV
-    for p in range(world):
-        slots = push.bufs[p].view(2, world, slot)
-        if p == rank:
-            assert slots.eq(0).all()
-            continue
-        assert torch.equal(slots[seq % 2, rank, : m * n // 2], _words(y, seq))
-        slots[seq % 2, rank, : m * n // 2] = 0
-        assert slots.eq(0).all()
-
-
-def test_gemv_push_needs_whole_pairs():
-    x, w = torch.randn(1, 64).half(), torch.randn(63, 64).half()
-    with pytest.raises(ValueError, match="push"):
-        _tg.gemv(x, w, push=_push_target(2, 0, 64, 1))
-    assert not _tg.can_push(x, w) and not _tg.can_push(x.float(), torch.randn(64, 64))
-
-
-@pytest.mark.parametrize("world,rank", [(2, 0), (4, 3)])
-@pytest.mark.parametrize("rows,n", [(1, 576), (2, 64)])
-def test_pushed_all_reduce_add_rms_norm(world, rank, rows, n):
-    """With the peers' words already in this rank's region (their GEMVs pushed them), the
-    kernel sums, adds and normalises like the flag kernel, clears the words, counts the call,
-    and pushes nothing itself."""
-    _, _, regions = _ll_call_checked(world, rank, rows, n, 5, rows + n + rank, pushed=True)
-    assert all(r.eq(0).all() for r in regions)
-
-
-def test_pushed_all_reduce_waits_for_every_peer():
-    """One peer's word of the previous call: the kernel keeps waiting rather than summing it
-    (past a short bound here: the poll before the PDL wait and the read after it each count
-    one timed-out wait)."""
-    world, rank, rows, n, seq = 4, 1, 1, 64, 9
-    xs, residual, w, slot, regions = _setup(world, rank, rows, n, seq, seed=5)
-    words = regions[rank].view(2, world, slot)[seq % 2, 3]
-    words[7] = (_flag(seq - 2) << 32) | (words[7] & 0xFFFFFFFF)
-    err = torch.zeros(1, dtype=torch.int32)
-    out, res_out = torch.empty_like(residual), torch.empty_like(residual)
-    _ll.launch_ll_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(regions),
-                                          torch.tensor([seq - 1, 0]), err, rank, 3, pushed=True)
-    assert int(err) == 2
-
-
-def test_pushed_gemv_then_all_reduce_add_rms_norm(monkeypatch):
-    """CustomAllReduce end to end on one simulated rank: pushed_gemv pushes to the peer's LL
-    region; with the peer's words in place the next all_reduce_add_rms_norm sums both; a
-    pending push refuses any other collective; off (use_push False) it declines."""
-    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
-    world, rank, n, k = 2, 0, 64, 32
-    car = _fake_car(world, rank)
-    g = torch.Generator().manual_seed(2)
-    x, w = torch.randn(1, k, generator=g).half(), torch.randn(n, k, generator=g).half()
-    assert car.pushed_gemv(x, w) is None  # off unless every rank asked for it
-    car.use_push = True
-    car.state[0] = 3
-    y = car.pushed_gemv(x, w)
-    assert torch.equal(y, _tg.gemv(x, w))
-    slot = car.ll_bufs[rank].numel() // (2 * world)
-    assert torch.equal(car.ll_bufs[1].view(2, world, slot)[0, 0, : n // 2], _words(y, 4))
-    with pytest.raises(RuntimeError, match="pushed GEMV output"):
-        car.all_reduce(torch.ones(4, dtype=torch.float16))
-    y = car.pushed_gemv(x, w)  # the refused call dropped the pending push; push again
-    peer_y = torch.randn(1, n, generator=g).half()
-    car.ll_bufs[rank].view(2, world, slot)[0, 1, : n // 2] = _words(peer_y, 4)
-    res, nw = torch.zeros(1, n, dtype=torch.float16), torch.ones(n, dtype=torch.float16)
-    assert car.should_use_fused_norm(y, res, nw)
-    out, res_out = car.all_reduce_add_rms_norm(y, res, nw, 1e-5)
-    assert car.errors() == 0 and car.state.tolist() == [4, 0]
-    assert torch.equal(res_out, (y.float() + peer_y.float()).half())
-    assert car.ll_bufs[rank].eq(0).all()
-    y = car.pushed_gemv(x, w)
-    with pytest.raises(RuntimeError, match="pushed GEMV output"):
-        car.all_reduce_add_rms_norm(y.clone(), res, nw, 1e-5)
-    assert car.pushed_gemv(x, torch.randn(63, k).half()) is None  # odd outputs: no whole pairs
 
 
 # --- init_custom_all_reduce's flow, ranks simulated by threads ------------------------------
@@ -689,11 +583,9 @@ def _simulate_init(monkeypatch, world: int, env_per_rank=None, fail_self_test_ra
         # os.environ is per process: hand each thread its own view through max_bytes_for.
         real = car_mod.max_bytes_for
         m.setattr(car_mod, "max_bytes_for", lambda ws, env=None: real(ws, {**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
-        real_ll, real_push = car_mod.ll_requested, car_mod.push_requested
+        real_ll = car_mod.ll_requested
         m.setattr(car_mod, "ll_requested",
                   lambda env=None: real_ll({**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
-        m.setattr(car_mod, "push_requested",
-                  lambda env=None: real_push({**os.environ, **env_per_rank[tw.rank_of[threading.get_ident()]]}))
         threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
         for t in threads:
             t.start()
@@ -713,7 +605,7 @@ def test_init_flow_comes_up_on_every_rank(monkeypatch, world):
     assert all(c.max_spin == car_mod.ENGINE_MAX_SPIN for c in cars)  # the short bound was for the test
     sizes = sorted({n for _, n, _ in launches})
     assert sizes == sorted({1, 4099, DEFAULT_MAX_BYTES[world] // 2})
-    assert not any(c.use_ll or c.use_push for c in cars)  # off unless asked for
+    assert not any(c.use_ll for c in cars)  # off unless asked for
     assert all(spin == car_mod.SELF_TEST_MAX_SPIN for _, _, spin in launches)
 
 
@@ -735,24 +627,6 @@ def test_init_flow_ll_when_every_rank_asks(monkeypatch):
     cars, launches = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_LL: "1"}, {}])
     assert [c.use_ll for c in cars] == [False, False]
     assert not any(isinstance(n, tuple) for _, n, _ in launches)
-
-
-def test_init_flow_push_when_every_rank_asks(monkeypatch):
-    """DISTLLM_ALL_REDUCE_PUSH=1 on every rank: the pushed all-reduce is on everywhere, after its
-    self-test ran on every rank; on some ranks only: off everywhere, its self-test never run;
-    a failed push self-test on one rank turns the custom path off on all."""
-    from distllm.distributed.custom_all_reduce import ENV_PUSH
-
-    tested = []
-    monkeypatch.setattr(car_mod, "_self_test_push", lambda car: tested.append(car.rank))
-    cars, _ = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_PUSH: "1"}, {ENV_PUSH: "1"}])
-    assert [c.use_push for c in cars] == [True, True] and sorted(tested) == [0, 1]
-    tested.clear()
-    cars, _ = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_PUSH: "1"}, {}])
-    assert [c.use_push for c in cars] == [False, False] and tested == []
-    monkeypatch.setattr(car_mod, "_self_test_push", lambda car: "wrong sums" if car.rank == 1 else None)
-    cars, _ = _simulate_init(monkeypatch, 2, env_per_rank=[{ENV_PUSH: "1"}, {ENV_PUSH: "1"}])
-    assert cars == [None, None]
 
 
 def test_init_flow_one_rank_disabled_turns_all_off(monkeypatch):

@@ -78,11 +78,6 @@ def _drive() -> None:
     ll_bufs = tuple(torch.zeros(triton_all_reduce_ll.region_bytes(world) // 8, dtype=torch.int64) for _ in range(world))
     triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), ll_bufs, state, err,
                                                            0, 10)
-    # The pushed all-reduce: the GEMV's push epilogue, then the kernel that only awaits.
-    push = triton_gemv.PushTarget(ll_bufs, state, ll_bufs[0].numel() // (2 * world), 1)
-    triton_gemv.gemv(torch.randn(1, 1024).to(bf), torch.randn(4096, 1024).to(bf), push=push)
-    triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), ll_bufs, state, err,
-                                                           1, 10, pushed=True)
 
 
 def _compile_all() -> dict:

@@ -82,14 +82,14 @@ def model_dir(tmp_path_factory) -> str:
     return save_random_llama(str(tmp_path_factory.mktemp("llama_2048")))
 
 
-def _run(folder: str, tp: int, backend: str | None, prompts=PROMPTS):
+def _run(folder: str, tp: int, backend: str | None):
     from distllm import LLM, SamplingParams
 
     llm = LLM(model=folder, tensor_parallel_size=tp, distributed_executor_backend=backend, device="cuda",
               dtype="bfloat16", num_gpu_blocks_override=512, max_model_len=1024, max_num_seqs=8)
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], sp, use_tqdm=False)
         ids = [list(o.outputs[0].token_ids) for o in outs]
         first_lp = [o.outputs[0].logprobs[0][o.outputs[0].token_ids[0]].logprob for o in outs]
         return ids, first_lp
@@ -112,43 +112,17 @@ def _backends():
     return out
 
 
-def _agrees(reference, got) -> None:
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_matches_tp1(model_dir, reference, tp, backend):
+    if NUM_GPUS < tp:
+        pytest.skip(f"needs {tp} GPUs, have {NUM_GPUS}")
     ref_ids, ref_lp = reference
-    ids, lp = got
+    ids, lp = _run(model_dir, tp, backend)
+    print(f"tp={tp} {backend}: ref {ref_ids}\n got {ids}")
     for r, o in zip(ref_ids, ids):
         assert r[0] == o[0]
         agree = next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), len(r))
         assert agree >= MAX_TOKENS // 2, (r, o)
     for a, b in zip(ref_lp, lp):
         assert abs(a - b) < 0.1, (ref_lp, lp)
-
-
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_matches_tp1(model_dir, reference, tp, backend):
-    if NUM_GPUS < tp:
-        pytest.skip(f"needs {tp} GPUs, have {NUM_GPUS}")
-    got = _run(model_dir, tp, backend)
-    print(f"tp={tp} {backend}: ref {reference[0]}\n got {got[0]}")
-    _agrees(reference, got)
-
-
-@pytest.fixture(scope="module")
-def reference_batch1(model_dir):
-    if NUM_GPUS < 2:
-        pytest.skip("needs >= 2 GPUs")
-    return _run(model_dir, 1, None, PROMPTS[:1])
-
-
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_pushed_all_reduce_matches_tp1(model_dir, reference_batch1, tp, monkeypatch, capfd):
-    """Batch-1 decode, the rows the pushed all-reduce takes (DISTLLM_ALL_REDUCE_PUSH=1: o_proj's
-    and down's GEMVs push their outputs), in CUDA graphs, against TP=1."""
-    if NUM_GPUS < tp:
-        pytest.skip(f"needs {tp} GPUs, have {NUM_GPUS}")
-    monkeypatch.setenv("DISTLLM_ALL_REDUCE_PUSH", "1")
-    got = _run(model_dir, tp, "mp", PROMPTS[:1])
-    logs = capfd.readouterr()
-    assert "pushed all-reduce" in logs.err + logs.out, "the workers did not turn the pushed all-reduce on"
-    print(f"tp={tp} pushed: ref {reference_batch1[0]}\n got {got[0]}")
-    _agrees(reference_batch1, got)
