@@ -74,7 +74,7 @@ def param_bytes(cfg: dict) -> int:
 
 
 def bench(folder: str, tp: int, backend: str, tokens: int, enforce_eager: bool, nccl_only: bool = False,
-          prompt_len: int = 32) -> float:
+          prompt_len: int = 32, sampling: dict | None = None) -> float:
     from distllm import LLM, SamplingParams
 
     llm = LLM(model=folder, load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
@@ -83,7 +83,7 @@ def bench(folder: str, tp: int, backend: str, tokens: int, enforce_eager: bool, 
     prompt = [{"prompt_token_ids": [1] + list(range(100, 99 + prompt_len))}]
 
     def timed(n: int) -> float:
-        sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        sp = SamplingParams(**(sampling or {"temperature": 0.0}), max_tokens=n, ignore_eos=True)
         t = time.perf_counter()
         llm.generate(prompt, sp, use_tqdm=False)
         return time.perf_counter() - t
@@ -110,7 +110,11 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--all-reduce", default="custom", choices=["custom", "nccl", "both"],
                     help="tp > 1: distllm's custom all-reduce (default; NCCL above its size limit), NCCL only, or both")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the issue's figure)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=-1)
     args = ap.parse_args()
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     if not 1 <= args.prompt_len <= 2048 - args.tokens:
         ap.error(f"--prompt-len must be in [1, {2048 - args.tokens}] (max_model_len 2048 minus --tokens)")
 
@@ -125,7 +129,8 @@ def main() -> None:
     folder, cfg = make_model_dir(args.model_shape)
     wbytes = param_bytes(cfg)
     print(f"model: {args.model_shape} dummy weights, {wbytes / 1e9:.2f} GB bf16; backend {args.backend}; "
-          f"enforce_eager={args.enforce_eager}; {args.prompt_len}-token prompt, {args.tokens} decode tokens, batch 1")
+          f"enforce_eager={args.enforce_eager}; {args.prompt_len}-token prompt, {args.tokens} decode tokens, batch 1; "
+          f"sampling {sampling}")
     rows = []
     base = None
     for tp in [int(x) for x in args.tp.split(",")]:
@@ -136,7 +141,7 @@ def main() -> None:
         modes = ["-"] if tp == 1 else (["custom", "nccl"] if args.all_reduce == "both" else [args.all_reduce])
         for mode in modes:
             rate = bench(folder, tp, backend, args.tokens, args.enforce_eager, nccl_only=mode == "nccl",
-                         prompt_len=args.prompt_len)
+                         prompt_len=args.prompt_len, sampling=sampling)
             base = base or (rate if tp == 1 else None)
             rows.append((tp, mode, rate))
             speed = f"{rate / base:5.2f}x" if base else "  n/a"

@@ -5,8 +5,10 @@ Order of work for one step (as vLLM V1):
   2. allowed_token_ids (others -inf), bad words (-inf), min_tokens (stop ids -inf),
      logit_bias (added), penalties (repetition, frequency, presence);
   3. greedy rows (temperature < 1e-5): argmax of the processed logits;
-  4. random rows: divide by temperature, min-p, top-k, top-p, then sample by the
-     exponential race argmax(probs / q), q ~ Exp(1).
+  4. random rows: divide by temperature, min-p, top-k, top-p (``dispatch.restrict_logits_``:
+     a csrc kernel without a sort where it is built, torch otherwise; ops/sampling_ref.py
+     states which tokens they keep), then sample by the exponential race
+     argmax(probs / q), q ~ Exp(1).
 
 Every stage is skipped when no row needs it; what rows need is read from the params on the
 host, never from device tensors. Small index tensors are built on the host and copied with
@@ -27,7 +29,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from distllm.ops.dispatch import argmax
+from distllm.ops.dispatch import argmax, restrict_logits_
 
 _GREEDY_EPS = 1e-5
 _MASK64 = (1 << 64) - 1
@@ -306,36 +308,13 @@ class Sampler(nn.Module):
         if any(t != 1.0 for t in temps):
             x.div_(_to_device(temps, torch.float32, device).view(B, 1))
 
-        # min-p (vLLM V1 applies it before top-k/top-p), on the temperature-scaled distribution.
-        min_ps = [float(p.get("min_p", 0.0)) if r else 0.0 for p, r in zip(params, rand)]
-        if any(m > 0.0 for m in min_ps):
-            probs = x.softmax(dim=-1)
-            thr = probs.amax(dim=-1, keepdim=True) * _to_device(min_ps, torch.float32, device).view(B, 1)
-            x.masked_fill_(probs < thr, float("-inf"))
-
-        # top-k: keep logits >= the k-th largest (ties at the k-th value kept, as vLLM).
-        ks = [int(p.get("top_k", -1)) if r else -1 for p, r in zip(params, rand)]
-        on_k = [0 < k < V for k in ks]
-        if any(on_k):
-            max_k = max(k for k, o in zip(ks, on_k) if o)
-            top_vals = x.topk(max_k, dim=-1).values
-            kth = top_vals.gather(1, _to_device([k - 1 if o else 0 for k, o in zip(ks, on_k)], torch.long, device).view(B, 1))
-            remove = (x < kth) & _to_device(on_k, torch.bool, device).view(B, 1)
-            x.masked_fill_(remove, float("-inf"))
-
-        # top-p: keep the smallest head of the sorted distribution whose mass reaches top_p.
-        tps = [float(p.get("top_p", 1.0)) if r else 1.0 for p, r in zip(params, rand)]
-        on_p = [t < 1.0 for t in tps]
-        if any(on_p):
-            sorted_x, sorted_idx = x.sort(dim=-1, descending=True)
-            sprobs = sorted_x.softmax(dim=-1)
-            cum = sprobs.cumsum(dim=-1)
-            excl = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
-            remove_sorted = excl >= _to_device(tps, torch.float32, device).view(B, 1)
-            remove_sorted &= _to_device(on_p, torch.bool, device).view(B, 1)
-            remove_sorted[:, 0] = False
-            remove = torch.zeros_like(remove_sorted).scatter_(1, sorted_idx, remove_sorted)
-            x.masked_fill_(remove, float("-inf"))
+        # min-p, top-k, top-p (vLLM V1's order): one csrc kernel where built, torch otherwise.
+        restrict_logits_(
+            x,
+            [int(p.get("top_k", -1)) if r else -1 for p, r in zip(params, rand)],
+            [float(p.get("top_p", 1.0)) if r else 1.0 for p, r in zip(params, rand)],
+            [float(p.get("min_p", 0.0)) if r else 0.0 for p, r in zip(params, rand)],
+        )
 
         probs = x.softmax(dim=-1)
         seeded = [i for i, (s, r) in enumerate(zip(states, rand)) if r and s.generator is not None]

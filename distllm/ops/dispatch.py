@@ -149,3 +149,26 @@ def paged_attention(
             max_query_len=max_query_len, max_seq_len=max_seq_len,
         )
     return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, causal)
+
+
+def restrict_logits_(
+    x: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
+) -> torch.Tensor:
+    """min-p, top-k and top-p on float32 logits x [B, V], in place (others set to -inf).
+
+    The csrc kernel (one launch, no sort) where it is built for x's device
+    (ops/csrc_ext.py), the torch path otherwise; both keep the same tokens
+    (ops/sampling_ref.py says which)."""
+    from distllm.ops import csrc_ext
+    from distllm.ops.sampling_ref import host_column, restrict_logits_ref_
+
+    B, V = x.shape
+    needed = any(0 < k < V for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p)
+    if not needed:
+        return x
+    ext = None if _env_on("DISTLLM_FORCE_TORCH") or x.dtype != torch.float32 else csrc_ext.ops_for(x.device)
+    if ext is None:
+        return restrict_logits_ref_(x, top_k, top_p, min_p)
+    # One [3, B] float32 tensor (top_k is exact in float32 below 2^24): one host-to-device copy.
+    ext.restrict_logits_(x, host_column([*top_k, *top_p, *min_p], torch.float32, x.device).view(3, B))
+    return x

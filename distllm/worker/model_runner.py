@@ -173,6 +173,25 @@ class ModelRunner:
                 self.model.spec.vocab_size, self.device, logits_dtype=self.dtype,
             )
             self.graphs.capture(also_precompile=self._first_prefills)
+        if self.device.type == "cuda":
+            self._settle_csrc_ops()
+
+    def _settle_csrc_ops(self) -> None:
+        """Last start-up phase: load the csrc sampling ops built in the background; with tensor
+        parallelism every rank must take the same path, since each samples its own copy of
+        the tokens that the next step reads."""
+        from distllm.ops import csrc_ext
+
+        have = csrc_ext.finish_build() is not None
+        if get_tp_size() > 1:
+            import torch.distributed as dist
+
+            from distllm.distributed.parallel_state import get_tp_group
+
+            flag = torch.tensor([1 if have else 0], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=get_tp_group())
+            if have and int(flag.item()) == 0:
+                csrc_ext.disable("another tensor-parallel rank could not load it")
 
     @torch.inference_mode()
     def _first_prefills(self) -> None:

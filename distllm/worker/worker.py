@@ -12,6 +12,7 @@ from distllm.distributed.custom_all_reduce import enable_for_tp as enable_custom
 from distllm.distributed.parallel_state import init_tensor_parallel
 from distllm.logger import init_logger
 from distllm.models.source import resolve_device
+from distllm.ops import csrc_ext
 from distllm.worker.model_runner import ModelRunner
 from distllm.worker.step_profiler import StepProfiler
 
@@ -41,6 +42,8 @@ class Worker:
             enable_custom_all_reduce(self.device, self.config.parallel_config.disable_custom_all_reduce)  # logs why if off
         torch.manual_seed(self.config.seed)
         self.runner = ModelRunner(self.config, self.device)
+        if kind == "cuda":
+            csrc_ext.start_build()  # compiles beside the start-up; ModelRunner.init_kv_cache loads it
 
     def load_model(self) -> None:
         self.runner.load_model()

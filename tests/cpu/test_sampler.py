@@ -181,7 +181,9 @@ def reference_allowed(logits: list[float], temperature, top_k, top_p, min_p, tol
             if cum < top_p + tol:
                 keep.add(i)
             cum += w[i] / tot
-        alive = keep
+        # Tokens tied with the last one kept are kept too (ops/sampling_ref.py).
+        low = min(z[i] for i in keep)
+        alive = keep | {i for i in alive if z[i] == low}
     return alive
 
 
