@@ -142,16 +142,22 @@ def _background_build() -> None:
         "from torch.utils.cpp_extension import load; load(**csrc_ext._build_kwargs())"
     )
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    # Output to a file, not a pipe: a child left compiling after this process exits must not
+    # die writing to a reader that is gone.
+    build_dir = _build_dir()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(Path(__file__).resolve().parents[2]), str(CSRC_DIR)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        build_dir.mkdir(parents=True, exist_ok=True)
+        log_path = build_dir / "build.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run(
+                [sys.executable, "-c", code, str(Path(__file__).resolve().parents[2]), str(CSRC_DIR)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=900,
+            )
         if proc.returncode != 0:
-            _build_error = (proc.stderr or proc.stdout)[-2000:]
+            _build_error = f"(full log: {log_path})\n" + log_path.read_text(errors="replace")[-2000:]
         else:
             logger.info("csrc: %s compiled in %.1f s (background)", LIBRARY, time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - any failure means: keep the torch path
