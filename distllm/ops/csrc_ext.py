@@ -1,8 +1,8 @@
 """Just-in-time build of the C++/CUDA ops in ``csrc/`` (the ``distllm_C`` torch library).
 
 ``torch.utils.cpp_extension`` compiles ``csrc/sampling.cpp`` (op schema and CPU kernel) and,
-where torch has CUDA and nvcc is found, ``csrc/sampling_cuda.cu``, into a cache directory
-keyed by the sources and flags, so a machine compiles once. Every op has a torch fallback
+where torch has CUDA and nvcc is found, ``csrc/sampling_cuda.cu``, into a build directory per
+torch build, where ninja recompiles only what changed: a machine compiles once. Every op has a torch fallback
 (``distllm/ops/sampling_ref.py``), so nothing depends on the build succeeding.
 
 ``DISTLLM_CSRC`` picks when the ops are used:
