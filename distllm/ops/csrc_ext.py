@@ -12,7 +12,8 @@ torch build, where ninja recompiles only what changed: a machine compiles once. 
   and does not wait for it (``DISTLLM_CSRC_WAIT_S`` sets a wait): that run samples with the
   torch ops, later ones load the build. Tensor-parallel ranks agree to use the ops only when
   every rank has them, so their samples stay identical.
-- ``1``: on CPU and CUDA tensors; the first call that needs the ops builds them and waits.
+- ``1``: on CPU and CUDA tensors; the first call that needs the ops builds them and waits (a
+  CUDA worker waits for its background build at the end of start-up).
 - ``0``: never.
 ``DISTLLM_CSRC_BUILD_DIR`` overrides the build directory (default:
 ``~/.cache/distllm/csrc/torch<version>-<cuda|cpu>``).
@@ -223,7 +224,9 @@ def finish_build(timeout_s: float | None = None) -> Any:
     if _ops is not None or not _started:
         return _ops
     if timeout_s is None:
-        timeout_s = float(os.environ.get("DISTLLM_CSRC_WAIT_S", "0"))
+        # DISTLLM_CSRC=1 asked for the ops: wait for them here rather than build mid-run.
+        default = "900" if mode() == "1" else "0"
+        timeout_s = float(os.environ.get("DISTLLM_CSRC_WAIT_S", default))
     if not _built.is_set():
         t0 = time.perf_counter()
         if not _built.wait(timeout_s):

@@ -232,6 +232,28 @@ def test_first_build_runs_in_the_background(ext, build_dir, tmp_path, monkeypatc
     assert csrc_ext.ops_for(torch.device("cpu")) is ext
 
 
+def test_start_up_waits_for_the_build_only_when_asked(monkeypatch):
+    waits = []
+
+    class Pending:
+        def is_set(self):
+            return False
+
+        def wait(self, timeout):
+            waits.append(timeout)
+            return False
+
+    _fresh_state(monkeypatch)
+    monkeypatch.setattr(csrc_ext, "_built", Pending())
+    monkeypatch.setattr(csrc_ext, "_started", True)
+    assert csrc_ext.finish_build() is None  # auto: a first build is not waited for
+    monkeypatch.setenv("DISTLLM_CSRC", "1")
+    assert csrc_ext.finish_build() is None
+    monkeypatch.setenv("DISTLLM_CSRC_WAIT_S", "7")
+    csrc_ext.finish_build()
+    assert waits == [0.0, 900.0, 7.0]
+
+
 def test_a_failed_build_keeps_the_torch_path(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTLLM_CSRC_BUILD_DIR", str(tmp_path))
     _fresh_state(monkeypatch)
