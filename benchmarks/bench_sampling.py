@@ -12,7 +12,9 @@ Each figure is the wall time per call of 50 calls queued back to back (one sync 
 so host launch overhead counts where it binds, as in a decode step. The roofline is one read
 and one write of the logits at the card's measured copy bandwidth.
 
-    python benchmarks/bench_sampling.py [--batch 1 32 256] [--vocab 128256]
+    python benchmarks/bench_sampling.py [--batch 1 32 256] [--vocab 128256] [--device cpu]
+
+On a CPU (``--device cpu``) it times csrc's CPU build, for a smoke run only.
 """
 
 from __future__ import annotations
@@ -43,16 +45,21 @@ SETTINGS = {
 }
 
 
-def per_call_ms(fn, prepare, reps: int = 50) -> float:
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def per_call_ms(fn, prepare, dev: torch.device, reps: int = 50) -> float:
     """Wall ms per call of `fn(arg)` over `reps` queued calls; `prepare()` makes each call's
     input beforehand (not timed)."""
     args = [prepare() for _ in range(reps)]
     fn(prepare())  # warm-up
-    torch.cuda.synchronize()
+    _sync(dev)
     t = time.perf_counter()
     for a in args:
         fn(a)
-    torch.cuda.synchronize()
+    _sync(dev)
     return (time.perf_counter() - t) * 1e3 / reps
 
 
@@ -79,21 +86,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 256])
     ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
 
     os.environ["DISTLLM_CSRC"] = "1"
+    dev = torch.device(args.device)
     t0 = time.perf_counter()
-    if csrc_ext.load_now() is None or not csrc_ext.with_cuda():
-        sys.exit("csrc's CUDA build is needed (nvcc, ninja, a CUDA build of torch)")
+    if csrc_ext.load_now() is None or (dev.type == "cuda" and not csrc_ext.with_cuda()):
+        sys.exit(f"csrc's {dev.type} build is needed (a C++ compiler and ninja; nvcc and a CUDA torch for cuda)")
     print(f"csrc build + load: {time.perf_counter() - t0:.1f} s")
-    card = torch.cuda.get_device_name()
-    bw = measure_copy_bandwidth("cuda")
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (smoke run: figures say nothing)"
+    bw = measure_copy_bandwidth(args.device)
     V = args.vocab
-    dev = torch.device("cuda")
     print(f"card: {card}; copy bandwidth {bw / 1e12:.2f} TB/s; vocab {V}")
     hdr = f"{'batch':>5} {'filters':<20} {'roofline':>9} {'torch':>9} {'csrc':>9} {'HF':>9} {'csrc/torch':>10} {'csrc/HF':>8} {'sampler torch':>14} {'sampler csrc':>13}"
     print(hdr)
-    rows = []
     for B in args.batch:
         g = torch.Generator(device=dev).manual_seed(B)
         base = torch.randn(B, V, device=dev, generator=g) * 3
@@ -105,11 +113,11 @@ def main() -> None:
             mps = [float(sp.get("min_p", 0.0))] * B
             prep = base.clone
             os.environ["DISTLLM_CSRC"] = "0"
-            t_torch = per_call_ms(lambda x: restrict_logits_(x, ks, ps, mps), prep)
+            t_torch = per_call_ms(lambda x: restrict_logits_(x, ks, ps, mps), prep, dev, args.reps)
             os.environ["DISTLLM_CSRC"] = "1"
-            t_csrc = per_call_ms(lambda x: restrict_logits_(x, ks, ps, mps), prep)
+            t_csrc = per_call_ms(lambda x: restrict_logits_(x, ks, ps, mps), prep, dev, args.reps)
             warp = hf_warpers(sp)
-            t_hf = per_call_ms(lambda x: warp(ids, x), prep)
+            t_hf = per_call_ms(lambda x: warp(ids, x), prep, dev, args.reps)
 
             params = SamplingParams(temperature=0.8, **sp).to_worker_dict()
             sampler = Sampler()
@@ -119,10 +127,9 @@ def main() -> None:
                 return sampler(x, states)
 
             os.environ["DISTLLM_CSRC"] = "0"
-            s_torch = per_call_ms(sample, prep, reps=20)
+            s_torch = per_call_ms(sample, prep, dev, reps=min(20, args.reps))
             os.environ["DISTLLM_CSRC"] = "1"
-            s_csrc = per_call_ms(sample, prep, reps=20)
-            rows.append((B, name, roof_ms, t_torch, t_csrc, t_hf, s_torch, s_csrc))
+            s_csrc = per_call_ms(sample, prep, dev, reps=min(20, args.reps))
             print(
                 f"{B:>5} {name:<20} {roof_ms:>8.4f}m {t_torch:>8.3f}m {t_csrc:>8.3f}m {t_hf:>8.3f}m "
                 f"{t_torch / t_csrc:>9.2f}x {t_hf / t_csrc:>7.2f}x {s_torch:>13.3f}m {s_csrc:>12.3f}m",

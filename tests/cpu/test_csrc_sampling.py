@@ -272,3 +272,22 @@ def test_a_failed_build_keeps_the_torch_path(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTLLM_CSRC", "1")
     want = restrict_logits_ref_(x.clone(), [3, -1], [1.0, 0.5], [0.0, 0.0])
     assert torch.equal(restrict_logits_(x.clone(), [3, -1], [1.0, 0.5], [0.0, 0.0]), want)
+
+
+def test_bench_sampling_smoke_on_cpu(ext, build_dir):
+    """benchmarks/bench_sampling.py end to end on the CPU build (tiny shapes; no figure checked)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DISTLLM_CSRC_BUILD_DIR=str(build_dir), PYTHONPATH=str(root))
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "bench_sampling.py"), "--device", "cpu", "--batch", "1", "3",
+         "--vocab", "300", "--reps", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.strip().startswith(("1 ", "3 "))]
+    assert len(rows) == 10, proc.stdout  # 2 batch sizes x 5 filter settings
