@@ -215,7 +215,7 @@ def finish_build(timeout_s: float | None = None) -> Any:
     A build from earlier runs is just loaded. A first build on this machine runs in a
     background process from ``start_build`` on, beside the weight load, the memory profile
     and the graph capture; start-up waits for it at most ``DISTLLM_CSRC_WAIT_S`` seconds
-    (default 0: a cold start never waits for a compiler). A build still running keeps going,
+    (default 0: a cold start never waits for a compiler; 900 with ``DISTLLM_CSRC=1``). A build still running keeps going,
     for the next start; this run keeps the torch ops. Sampling never switches paths mid-run.
     Returns the ops, or None (with a log line saying why)."""
     global _failed
