@@ -227,7 +227,7 @@ class CustomAllReduce:
         launch_one_shot(x, out, self._bufs(x.dtype), self.flag_addrs, self.state, self.err, self.rank, self.max_spin)
         return out
 
-    def should_use_fused_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> bool:
+    def should_use_fused_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> bool:
         """Whether all_reduce_add_rms_norm takes these: x as for should_use, [rows, N] rows of at
         most MAX_NORM_ROW elements, residual like x, weight [N] of x's dtype."""
         from distllm.ops.triton_all_reduce import MAX_NORM_ROW
@@ -236,19 +236,18 @@ class CustomAllReduce:
             self.should_use(x)
             and x.dim() == 2
             and x.shape[1] <= MAX_NORM_ROW
-            and residual.shape == x.shape
-            and residual.dtype == x.dtype
-            and residual.is_contiguous()
+            and (residual is None or residual.shape == x.shape and residual.dtype == x.dtype
+                 and residual.is_contiguous())
             and weight.shape == (x.shape[1],)
             and weight.dtype == x.dtype
             and weight.is_contiguous()
         )
 
     def all_reduce_add_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(sum of x + residual), sum of x + residual), fresh tensors, in one kernel
-        (see should_use_fused_norm). Graph-safe like all_reduce."""
+        (see should_use_fused_norm); residual None adds nothing. Graph-safe like all_reduce."""
         from distllm.ops import triton_all_reduce_ll as ll
         from distllm.ops.triton_all_reduce import launch_all_reduce_add_rms_norm
 

@@ -69,16 +69,20 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def tp_all_reduce_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) for x, a row-parallel
-    layer's partial output: one fused kernel when the custom all-reduce takes x, otherwise
-    the all-reduce and then the fused add + RMSNorm."""
+    layer's partial output (or the vocab-parallel embedding's, with residual None: nothing
+    added): one fused kernel when the custom all-reduce takes x, otherwise the all-reduce and
+    then the (fused add +) RMSNorm."""
     car = _TP.custom_ar if _TP.size > 1 else None
     if car is not None and car.should_use_fused_norm(x, residual, weight):
         return car.all_reduce_add_rms_norm(x, residual, weight, eps)
     from distllm.ops import dispatch
 
+    if residual is None:
+        x = tp_all_reduce(x)
+        return dispatch.rms_norm(x, weight, eps), x
     return dispatch.fused_add_rms_norm(tp_all_reduce(x), residual, weight, eps)
 
 

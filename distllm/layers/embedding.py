@@ -55,13 +55,19 @@ class VocabParallelEmbedding(nn.Module):
             return self.qweight.lookup(ids, self.weight, self.dtype)
         return F.embedding(ids, self.weight)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """ids [...] -> [..., hidden]. Under TP each rank looks up its vocabulary slice (zeros for
+        the other ranks' ids) and the ranks' rows are summed; reduce=False returns this rank's
+        part unsummed, for a caller that sums it in a fused kernel (the first RMSNorm)."""
         if self.tp_size == 1:
             return self._lookup(ids)
-        mask = (ids >= self.start) & (ids < self.end)
-        local = torch.where(mask, ids - self.start, torch.zeros_like(ids))
-        out = self._lookup(local) * mask.unsqueeze(-1).to(self.dtype)
-        return tp_all_reduce(out)
+        if self.qweight is None:
+            out = dispatch.masked_embedding(ids, self.weight, self.start, self.end)
+        else:
+            mask = (ids >= self.start) & (ids < self.end)
+            local = torch.where(mask, ids - self.start, torch.zeros_like(ids))
+            out = self._lookup(local) * mask.unsqueeze(-1).to(self.dtype)
+        return tp_all_reduce(out) if reduce else out
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -31,8 +31,10 @@ class RMSNorm(nn.Module):
             return dispatch.rms_norm(x, self.weight, self.eps)
         return dispatch.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
-    def forward_all_reduce(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_all_reduce(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: a row-parallel layer's partial output (not yet summed over TP ranks) ->
         (normed(all_reduce(x) + residual), all_reduce(x) + residual); one kernel with the
-        custom all-reduce."""
+        custom all-reduce. residual None: (normed(all_reduce(x)), all_reduce(x))."""
         return tp_all_reduce_add_rms_norm(x, residual, self.weight, self.eps)

@@ -138,9 +138,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: the embeddings (residual None), else the previous layer's MLP output, which under
-        TP (fused_all_reduce) is still this rank's partial sum, as this layer's is on return."""
-        if residual is None:
+        """x: the embeddings (residual None), else the previous layer's MLP output. Under TP
+        (fused_all_reduce) either is still this rank's partial sum, as this layer's is on return."""
+        if residual is None and self.fused_all_reduce:
+            x, residual = self.input_layernorm.forward_all_reduce(x, None)
+        elif residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
@@ -165,7 +167,8 @@ class DecoderModel(nn.Module):
         self.fused_all_reduce = fuses_all_reduce(spec)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        # Under TP the embedding's sum over ranks is the first layer's, fused with its norm.
+        x = self.embed_tokens(input_ids, reduce=not self.fused_all_reduce)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)

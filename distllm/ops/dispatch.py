@@ -52,6 +52,18 @@ def fused_add_rms_norm(
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
+def masked_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """weight[ids - start] where start <= ids < end, zero rows elsewhere (a vocab-parallel rank's
+    part of an embedding lookup)."""
+    if use_fused_ops(weight) and weight.dim() == 2:
+        from distllm.ops import triton_embedding
+
+        return triton_embedding.masked_embedding(ids, weight, start, end)
+    mask = (ids >= start) & (ids < end)
+    local = torch.where(mask, ids - start, torch.zeros_like(ids))
+    return torch.nn.functional.embedding(local, weight) * mask.unsqueeze(-1).to(weight.dtype)
+
+
 def rotary_embedding(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

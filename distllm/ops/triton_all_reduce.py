@@ -194,10 +194,12 @@ def all_reduce_add_rms_norm_kernel(
     NUM_SLOTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_PDL: tl.constexpr = False,
+    HAS_RES: tl.constexpr = True,
 ):
     """The all-reduce above with a whole row per block step, then the residual add and the
     RMSNorm of `triton_norm` on the reduced row, rounded where that path rounds: one launch
-    for what is otherwise an all-reduce and a norm kernel."""
+    for what is otherwise an all-reduce and a norm kernel. HAS_RES=False: no residual (the
+    first layer's norm of the summed embeddings); res_out gets the sum itself."""
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)  # no kernel writes it: before the wait
@@ -217,9 +219,12 @@ def all_reduce_add_rms_norm_kernel(
     while row < n_rows:
         offs = row.to(tl.int64) * N + cols
         acc = _sum_in_rank_order(x_ptr, bufs, offs, cmask, parity, slot_elems, RANK, WORLD, BLOCK_N)
-        r = tl.load(res_ptr + offs, mask=cmask, other=0.0)
         # Rounded as the all-reduce output, then as torch's x + residual (triton_norm's rules).
-        xs = (acc.to(in_dtype).to(tl.float32) + r.to(tl.float32)).to(in_dtype)
+        if HAS_RES:
+            r = tl.load(res_ptr + offs, mask=cmask, other=0.0)
+            xs = (acc.to(in_dtype).to(tl.float32) + r.to(tl.float32)).to(in_dtype)
+        else:
+            xs = acc.to(in_dtype)
         tl.store(res_out_ptr + offs, xs, mask=cmask)
         xf = xs.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
@@ -257,14 +262,15 @@ MAX_NORM_ROW = 16384
 def launch_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_out, bufs: tuple, flag_addrs, state,
                                    err, rank: int, max_spin: int) -> None:
     """out, res_out = rms_norm(sum over ranks of x + residual), sum over ranks of x + residual.
-    x, residual, out, res_out: contiguous [n_rows, N] (N <= MAX_NORM_ROW); weight [N]; the other
-    arguments as for launch_one_shot."""
+    x, residual, out, res_out: contiguous [n_rows, N] (N <= MAX_NORM_ROW); residual may be None
+    (nothing added); weight [N]; the other arguments as for launch_one_shot."""
     n_rows, n = x.shape
     world = len(bufs)
     slot_elems = bufs[rank].numel() // (2 * world)
     block_n = triton.next_power_of_2(n)
     launch(all_reduce_add_rms_norm_kernel, (max(1, min(n_rows, MAX_BLOCKS)),),
-        x, residual, weight, out, res_out, bufs, flag_addrs, state, err, n_rows, n, eps, slot_elems, max_spin,
-        RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_N=block_n, num_warps=max(1, min(16, block_n // 512)),
-        num_stages=NUM_STAGES, **launch_options(use_pdl(x)),
+        x, x if residual is None else residual, weight, out, res_out, bufs, flag_addrs, state, err, n_rows, n, eps,
+        slot_elems, max_spin, RANK=rank, WORLD=world, NUM_SLOTS=MAX_BLOCKS, BLOCK_N=block_n,
+        num_warps=max(1, min(16, block_n // 512)), num_stages=NUM_STAGES, HAS_RES=residual is not None,
+        **launch_options(use_pdl(x)),
     )

@@ -92,6 +92,7 @@ def ll_all_reduce_add_rms_norm_kernel(
     WORLD: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words (element pairs) of a row, a power of two
     USE_PDL: tl.constexpr = False,
+    HAS_RES: tl.constexpr = True,  # False: no residual added (as in triton_all_reduce)
 ):
     """triton_all_reduce.all_reduce_add_rms_norm_kernel's result, rounded where it rounds (only
     the order of the sum of squares differs), one row per block step; even and odd elements of
@@ -134,10 +135,14 @@ def ll_all_reduce_add_rms_norm_kernel(
                 acc_e += _element(words, 0, dtype)
                 acc_o += _element(words, 16, dtype)
         # Rounded as the all-reduce output, then as torch's x + residual (triton_norm's rules).
-        r_e = tl.load(res_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
-        r_o = tl.load(res_ptr + offs + 1, mask=pmask, other=0.0).to(tl.float32)
-        xs_e = (acc_e.to(dtype).to(tl.float32) + r_e).to(dtype)
-        xs_o = (acc_o.to(dtype).to(tl.float32) + r_o).to(dtype)
+        if HAS_RES:
+            r_e = tl.load(res_ptr + offs, mask=pmask, other=0.0).to(tl.float32)
+            r_o = tl.load(res_ptr + offs + 1, mask=pmask, other=0.0).to(tl.float32)
+            xs_e = (acc_e.to(dtype).to(tl.float32) + r_e).to(dtype)
+            xs_o = (acc_o.to(dtype).to(tl.float32) + r_o).to(dtype)
+        else:
+            xs_e = acc_e.to(dtype)
+            xs_o = acc_o.to(dtype)
         tl.store(res_out_ptr + offs, xs_e, mask=pmask)
         tl.store(res_out_ptr + offs + 1, xs_o, mask=pmask)
         xf_e = xs_e.to(tl.float32)
@@ -162,7 +167,7 @@ def launch_ll_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_
                                       rank: int, max_spin: int) -> None:
     """out, res_out = rms_norm(sum over ranks of x + residual), sum over ranks of x + residual.
     x, residual, out, res_out: contiguous [n_rows, N] of a 16-bit dtype (fits()), x 4-byte
-    aligned (its element pairs are read as 32-bit words); weight [N];
+    aligned (its element pairs are read as 32-bit words); residual may be None; weight [N];
     ll_bufs: every rank's LL region as int64 (region_bytes() long, zeroed before first use);
     state, err: as for triton_all_reduce.launch_one_shot (the same state)."""
     n_rows, n = x.shape
@@ -172,5 +177,5 @@ def launch_ll_all_reduce_add_rms_norm(x, residual, weight, eps: float, out, res_
         raise ValueError("x must start on a 4-byte boundary (its element pairs are read as 32-bit words)")
     world = len(ll_bufs)
     launch(ll_all_reduce_add_rms_norm_kernel, (max(1, min(n_rows, MAX_BLOCKS)),),
-           x, residual, weight, out, res_out, ll_bufs, state, err, n_rows, n, eps,
-           ll_bufs[rank].numel() // (2 * world), max_spin, **ll_options(rank, world, x))
+           x, x if residual is None else residual, weight, out, res_out, ll_bufs, state, err, n_rows, n, eps,
+           ll_bufs[rank].numel() // (2 * world), max_spin, HAS_RES=residual is not None, **ll_options(rank, world, x))

@@ -103,6 +103,17 @@ def _forced_tiles(spec: str) -> dict[tuple[int, int], tuple[int, ...]]:
 
 
 FORCED_TILES = _forced_tiles(os.environ.get("DISTLLM_GEMV_FORCE_TILES", ""))
+# L2 eviction policy of the weight loads. A decode step streams every weight once (8B: 15 GB
+# through a 50 MB L2), so at the normal policy the weights push out what the step does reuse:
+# residuals, norm weights, KV entries, split partials and all-reduce slots, read on the chain by
+# the latency-bound kernels between the GEMVs. Marked evict-first, 8B batch-1 decode on an H200
+# went from 247.1 / 245.6 / 247.0 / 246.9 to 248.9 / 248.2 / 249.9 / 249.1 tok/s (alternated in
+# two calls; benchmarks/README.md, twenty-first session). DISTLLM_GEMV_EVICT=normal for A/B runs.
+_EVICT = {"normal": "", "first": "evict_first"}
+_EVICT_SETTING = os.environ.get("DISTLLM_GEMV_EVICT", "first").strip().lower()
+if _EVICT_SETTING not in _EVICT:
+    raise ValueError(f"DISTLLM_GEMV_EVICT must be one of {sorted(_EVICT)}, got {_EVICT_SETTING!r}")
+WEIGHT_EVICTION = _EVICT[_EVICT_SETTING]
 
 
 @triton.jit
@@ -121,7 +132,7 @@ def _gemv_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    USE_PDL: tl.constexpr, GATED: tl.constexpr = False,
+    USE_PDL: tl.constexpr, GATED: tl.constexpr = False, W_EVICT: tl.constexpr = "",
 ):
     """y[m-tile, n-tile]: one program = BLOCK_N rows of W x BLOCK_M rows of x. BLOCK_M > 1 reads
     each weight tile once for several rows of x (a large weight then comes from HBM once).
@@ -138,14 +149,16 @@ def _gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
     mask_k = offs_k < K
-    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+                eviction_policy=W_EVICT)  # [BN, BK]
     pdl_wait(USE_PDL)
     x = _x_tile(x_rows, offs_k, mask_m[:, None] & mask_k[None, :], K, GATED)  # [BM, BK]
     acc = w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
-        w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+        w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0,
+                    eviction_policy=W_EVICT)  # [BN, BK]
         x = _x_tile(x_rows, k, mask_m[:, None] & mask_k[None, :], K, GATED)  # [BM, BK]
         acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
     y = tl.sum(acc, axis=2)  # [BM, BN]
@@ -158,7 +171,7 @@ def _gemv_kernel(
 @triton.jit
 def _gemv_gate_up_kernel(
     x_ptr, wg_ptr, wu_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr, W_EVICT: tl.constexpr = "",
 ):
     """y[m, n] = silu(x[m] . W[n]) * (x[m] . W[N + n]) for the program's BLOCK_N values of n:
     W is a gated MLP's stacked [gate; up] (2N rows). Each program streams its gate rows and
@@ -175,8 +188,8 @@ def _gemv_gate_up_kernel(
     x_row = x_ptr + m * stride_xm
     mask_k = offs_k < K
     wmask = mask_n[:, None] & mask_k[None, :]
-    wg = tl.load(g_rows + offs_k[None, :], mask=wmask, other=0.0)  # [BN, BK]
-    wu = tl.load(u_rows + offs_k[None, :], mask=wmask, other=0.0)
+    wg = tl.load(g_rows + offs_k[None, :], mask=wmask, other=0.0, eviction_policy=W_EVICT)  # [BN, BK]
+    wu = tl.load(u_rows + offs_k[None, :], mask=wmask, other=0.0, eviction_policy=W_EVICT)
     pdl_wait(USE_PDL)
     x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]  # [1, BK]
     acc_g = wg.to(tl.float32) * x
@@ -186,8 +199,8 @@ def _gemv_gate_up_kernel(
         mask_k = k < K
         wmask = mask_n[:, None] & mask_k[None, :]
         x = tl.load(x_row + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        acc_g += tl.load(g_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x
-        acc_u += tl.load(u_rows + k[None, :], mask=wmask, other=0.0).to(tl.float32) * x
+        acc_g += tl.load(g_rows + k[None, :], mask=wmask, other=0.0, eviction_policy=W_EVICT).to(tl.float32) * x
+        acc_u += tl.load(u_rows + k[None, :], mask=wmask, other=0.0, eviction_policy=W_EVICT).to(tl.float32) * x
     ty = y_ptr.dtype.element_ty
     gate = tl.sum(acc_g, axis=1).to(ty).to(tl.float32)
     up = tl.sum(acc_u, axis=1).to(ty).to(tl.float32)
@@ -250,7 +263,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     launch(_gemv_kernel, grid,
         x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m, num_warps=warps, **extra,
-        GATED=gated, **launch_options(use_pdl(x)),
+        GATED=gated, W_EVICT=WEIGHT_EVICTION, **launch_options(use_pdl(x)),
     )
     return y
 
@@ -291,5 +304,6 @@ def gemv_gate_up(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] 
     extra = {"num_stages": rest[0]} if rest and rest[0] else {}
     launch(_gemv_gate_up_kernel, (triton.cdiv(n, block_n), m),
            x, weight[:n], weight[n:], y, n, k, x.stride(0), weight.stride(0), y.stride(0),
-           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **extra, **launch_options(use_pdl(x)))
+           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **extra, W_EVICT=WEIGHT_EVICTION,
+           **launch_options(use_pdl(x)))
     return y

@@ -37,7 +37,7 @@ from distllm.distributed.custom_all_reduce import (
     topology_reason,
     unsupported_reason,
 )
-from distllm.ops.fused_ref import fused_add_rms_norm_ref
+from distllm.ops.fused_ref import fused_add_rms_norm_ref, rms_norm_ref
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -284,9 +284,11 @@ def test_barrier_times_out_and_counts():
 @pytest.mark.parametrize("world,rank", [(2, 1), (4, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rows,n", [(1, 576), (3, 64), (_tar.MAX_BLOCKS + 5, 32)])
-def test_all_reduce_add_rms_norm(world, rank, dtype, rows, n):
+@pytest.mark.parametrize("has_res", [True, False])
+def test_all_reduce_add_rms_norm(world, rank, dtype, rows, n, has_res):
     """The fused kernel: the peers' partial rows pushed here, flags raised; its outputs are
-    rms_norm(sum + residual) and sum + residual, as the all-reduce then the fused norm give.
+    rms_norm(sum + residual) and sum + residual, as the all-reduce then the fused norm give
+    (without a residual, the first layer's: rms_norm(sum) and sum).
     (fp16, not bf16: the interpreter truncates float32 -> bfloat16 where GPUs round; bf16 is
     checked compiled in tests/gpu.)"""
     g = torch.Generator().manual_seed(rows * n + world)
@@ -306,12 +308,16 @@ def test_all_reduce_add_rms_norm(world, rank, dtype, rows, n):
     state = torch.tensor([seq - 1, 0], dtype=torch.int64)
     err = torch.zeros(1, dtype=torch.int32)
     out, res_out = torch.empty_like(residual), torch.empty_like(residual)
-    _tar.launch_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(bufs), addrs, state, err,
-                                        rank, 100)
+    _tar.launch_all_reduce_add_rms_norm(xs[rank], residual if has_res else None, w, 1e-5, out, res_out, tuple(bufs),
+                                        addrs, state, err, rank, 100)
     total = xs[0].float()
     for x in xs[1:]:
         total = total + x.float()
-    want_out, want_res = fused_add_rms_norm_ref(total.to(dtype), residual, w, 1e-5)
+    if has_res:
+        want_out, want_res = fused_add_rms_norm_ref(total.to(dtype), residual, w, 1e-5)
+    else:
+        want_res = total.to(dtype)
+        want_out = rms_norm_ref(want_res, w, 1e-5)
     assert int(err) == 0 and state.tolist() == [seq, 0]
     assert torch.equal(res_out, want_res)
     if dtype == torch.float32:
@@ -344,9 +350,13 @@ def test_tp_all_reduce_add_rms_norm_dispatch(monkeypatch):
         for use in (True, False):
             ps._TP.size, ps._TP.custom_ar = 2, _Car(use)
             ps.tp_all_reduce_add_rms_norm(x, res, w, 1e-6)
+        # No residual (the first layer's norm of the embedding's sum): the sum, and its norm.
+        ps._TP.size, ps._TP.custom_ar = 2, _Car(False)
+        normed, summed = ps.tp_all_reduce_add_rms_norm(x, None, w, 1e-6)
     finally:
         ps._TP.size, ps._TP.custom_ar = saved
-    assert calls == ["fused", "nccl"]
+    assert calls == ["fused", "nccl", "nccl"]
+    assert summed is x and torch.equal(normed, rms_norm_ref(x, w, 1e-6))
 
 
 def test_custom_all_reduce_layout():
@@ -423,20 +433,26 @@ def _setup(world, rank, rows, n, seq, seed):
 
 @pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
 @pytest.mark.parametrize("rows,n", [(1, 576), (3, 64), (_tar.MAX_BLOCKS + 3, 16), (2, 90)])
-def test_ll_all_reduce_add_rms_norm(world, rank, rows, n):
-    """Outputs as the all-reduce then the fused norm give; this rank's words pushed to every
-    peer with the call's flag; the words it read cleared; the call counted."""
+@pytest.mark.parametrize("has_res", [True, False])
+def test_ll_all_reduce_add_rms_norm(world, rank, rows, n, has_res):
+    """Outputs as the all-reduce then the fused norm give (no residual: the norm of the sum);
+    this rank's words pushed to every peer with the call's flag; the words it read cleared; the
+    call counted."""
     seq = 7
     xs, residual, w, slot, regions = _setup(world, rank, rows, n, seq, seed=rows * n + world + rank)
     state = torch.tensor([seq - 1, 0], dtype=torch.int64)
     err = torch.zeros(1, dtype=torch.int32)
     out, res_out = torch.empty_like(residual), torch.empty_like(residual)
-    _ll.launch_ll_all_reduce_add_rms_norm(xs[rank], residual, w, 1e-5, out, res_out, tuple(regions), state, err,
-                                          rank, 100)
+    _ll.launch_ll_all_reduce_add_rms_norm(xs[rank], residual if has_res else None, w, 1e-5, out, res_out,
+                                          tuple(regions), state, err, rank, 100)
     total = xs[0].float()
     for x in xs[1:]:
         total = total + x.float()
-    want_out, want_res = fused_add_rms_norm_ref(total.half(), residual, w, 1e-5)
+    if has_res:
+        want_out, want_res = fused_add_rms_norm_ref(total.half(), residual, w, 1e-5)
+    else:
+        want_res = total.half()
+        want_out = rms_norm_ref(want_res, w, 1e-5)
     assert int(err) == 0 and state.tolist() == [seq, 0]
     assert torch.equal(res_out, want_res)
     assert (out == want_out).float().mean() > 0.97  # the sum of squares in another order

@@ -22,7 +22,7 @@ EXPECTED = {
     "_rms_norm_kernel", "_silu_and_mul_kernel", "_gemv_kernel", "_gemv_gate_up_kernel", "_store_kv_kernel",
     "_rotary_kernel", "_decode_attn_kernel", "one_shot_all_reduce_kernel", "all_reduce_add_rms_norm_kernel",
     "ll_all_reduce_add_rms_norm_kernel", "_paged_attn_kernel", "_split_reduce_kernel", "_argmax_chunks_kernel",
-    "_argmax_rows_kernel", "_gemv_words_kernel", "_dequant_kernel",
+    "_argmax_rows_kernel", "_gemv_words_kernel", "_dequant_kernel", "_masked_lookup_kernel",
 }
 
 
@@ -31,8 +31,8 @@ def _drive() -> None:
     import torch
 
     from distllm.ops import (triton_activation, triton_all_reduce, triton_all_reduce_ll, triton_argmax,
-                             triton_decode_attention, triton_gemv, triton_gguf_matmul, triton_kv_store, triton_norm,
-                             triton_paged_attention, triton_rotary)
+                             triton_decode_attention, triton_embedding, triton_gemv, triton_gguf_matmul,
+                             triton_kv_store, triton_norm, triton_paged_attention, triton_rotary)
     from distllm.ops.gguf_quant import GGMLType
     from distllm.ops.gguf_synthetic import random_blocks
 
@@ -41,6 +41,7 @@ def _drive() -> None:
     triton_norm.rms_norm(x, w, 1e-5)
     triton_norm.fused_add_rms_norm(x, res, w, 1e-5)
     triton_activation.silu_and_mul(torch.randn(2, 256).to(bf))
+    triton_embedding.masked_embedding(torch.tensor([3, 70000]), torch.randn(64128, 4096).to(bf), 64128, 128256)
     triton_gemv.gemv(x, torch.randn(6144, 4096).to(bf))  # streaming tiles
     triton_gemv.gemv(torch.randn(2, 576).to(bf), torch.randn(960, 576).to(bf), torch.randn(960).to(bf))  # one-shot
     triton_gemv.gemv(torch.randn(1, 2 * 1536).to(bf), torch.randn(576, 1536).to(bf), gated=True)
@@ -73,11 +74,13 @@ def _drive() -> None:
     flags, state = torch.zeros(world, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
     err = torch.zeros(1, dtype=torch.int32)
     triton_all_reduce.launch_one_shot(x.view(-1), x.view(-1), bufs, flags, state, err, 0, 10)
-    triton_all_reduce.launch_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), bufs, flags, state, err,
-                                                     0, 10)
+    for r in (res, None):  # a layer's norm; the first layer's (the embedding's sum, no residual)
+        triton_all_reduce.launch_all_reduce_add_rms_norm(x, r, w, 1e-5, x.clone(), x.clone(), bufs, flags, state, err,
+                                                         0, 10)
     ll_bufs = tuple(torch.zeros(triton_all_reduce_ll.region_bytes(world) // 8, dtype=torch.int64) for _ in range(world))
-    triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, res, w, 1e-5, x.clone(), x.clone(), ll_bufs, state, err,
-                                                           0, 10)
+    for r in (res, None):
+        triton_all_reduce_ll.launch_ll_all_reduce_add_rms_norm(x, r, w, 1e-5, x.clone(), x.clone(), ll_bufs, state,
+                                                               err, 0, 10)
 
 
 def _compile_all() -> dict:

@@ -287,3 +287,39 @@ def test_forced_tiles_override_the_rule_for_their_shape_only(monkeypatch):
 def test_malformed_forced_tiles_name_the_variable(spec):
     with pytest.raises(ValueError, match="DISTLLM_GEMV_FORCE_TILES"):
         _tg._forced_tiles(spec)
+
+
+@pytest.mark.parametrize("setting,policy", [(None, "evict_first"), ("normal", ""), ("FIRST", "evict_first"),
+                                            ("bogus", None)])
+def test_weight_eviction_setting(setting, policy):
+    """DISTLLM_GEMV_EVICT picks the weight loads' L2 policy (evict-first by default); anything
+    else is refused at import, naming the variable."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DISTLLM_GEMV_EVICT"}
+    if setting is not None:
+        env["DISTLLM_GEMV_EVICT"] = setting
+    r = subprocess.run([sys.executable, "-c", "import distllm.ops.triton_gemv as g; print(repr(g.WEIGHT_EVICTION))"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    if policy is None:
+        assert r.returncode != 0 and "DISTLLM_GEMV_EVICT must be one of ['first', 'normal']" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == repr(policy)
+
+
+def test_weight_eviction_keeps_results(monkeypatch):
+    """The policy is a cache hint: both GEMV kernels give the same bits either way, and the
+    right values."""
+    x, w, _ = _inputs(1, 48, 256, seed=11)
+    wg = (torch.randn(2 * 24, 256, generator=torch.Generator().manual_seed(12)) / 16).to(torch.float16)
+    outs = []
+    for policy in ("", "evict_first"):
+        monkeypatch.setattr(_tg, "WEIGHT_EVICTION", policy)
+        outs.append((_tg.gemv(x, w), _tg.gemv_gate_up(x, wg)))
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    torch.testing.assert_close(outs[0][0], (x.float() @ w.float().T).to(x.dtype), rtol=1e-2, atol=1e-2)
+    gate, up = (x.float() @ wg.float().T).to(x.dtype).float().split(24, dim=-1)
+    torch.testing.assert_close(outs[0][1].float(), torch.nn.functional.silu(gate).to(x.dtype).float() * up,
+                               rtol=2e-2, atol=2e-2)

@@ -137,7 +137,7 @@ def _fused_norm_worker(rank: int, world: int, init_file: str, ll: bool = False) 
     ``ll``: with the flag-in-word kernel on, which takes the 1- and 7-row calls (64 and 256
     rows are past its slots and take the flag kernel, in the same graph)."""
     from distllm.distributed.custom_all_reduce import ENV_LL
-    from distllm.ops.triton_norm import fused_add_rms_norm
+    from distllm.ops.triton_norm import fused_add_rms_norm, rms_norm
 
     os.environ[ENV_LL] = "1" if ll else "0"
     car, dev = _setup(rank, world, init_file)
@@ -157,6 +157,14 @@ def _fused_norm_worker(rank: int, world: int, init_file: str, ll: bool = False) 
             assert torch.equal(res_out, want_res), what
             assert (out == want_out).float().mean() > 0.97, what
             torch.testing.assert_close(out.float(), want_out.float(), atol=0.05, rtol=0.02, msg=what)
+            _same_on_every_rank(out, world, what)
+            # No residual (the first layer's norm of the embedding's sum): the sum and its norm.
+            assert car.should_use_fused_norm(x, None, w)
+            out, res_out = car.all_reduce_add_rms_norm(x, None, w, 1e-5)
+            summed = car.all_reduce(x.clone())
+            assert torch.equal(res_out, summed), what + ", no residual"
+            torch.testing.assert_close(out.float(), rms_norm(summed, w, 1e-5).float(), atol=0.05, rtol=0.02,
+                                       msg=what + ", no residual")
             _same_on_every_rank(out, world, what)
         # In a graph: fused, plain, fused (1 and 64 rows), replayed with new inputs.
         xa, xb = torch.zeros(1, h, device=dev, dtype=torch.bfloat16), torch.zeros(64, h, device=dev, dtype=torch.bfloat16)
