@@ -61,12 +61,8 @@ class VocabParallelEmbedding(nn.Module):
         part unsummed, for a caller that sums it in a fused kernel (the first RMSNorm)."""
         if self.tp_size == 1:
             return self._lookup(ids)
-        if self.qweight is None:
-            out = dispatch.masked_embedding(ids, self.weight, self.start, self.end)
-        else:
-            mask = (ids >= self.start) & (ids < self.end)
-            local = torch.where(mask, ids - self.start, torch.zeros_like(ids))
-            out = self._lookup(local) * mask.unsqueeze(-1).to(self.dtype)
+        lookup = self._lookup if self.qweight is not None else None
+        out = dispatch.masked_embedding(ids, self.weight, self.start, self.end, lookup)
         return tp_all_reduce(out) if reduce else out
 
 

@@ -10,6 +10,7 @@ The environment is read at call time (a CUDA graph keeps what was chosen at capt
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 
@@ -52,16 +53,19 @@ def fused_add_rms_norm(
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
-def masked_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def masked_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, end: int,
+                     lookup: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """weight[ids - start] where start <= ids < end, zero rows elsewhere (a vocab-parallel rank's
-    part of an embedding lookup)."""
-    if use_fused_ops(weight) and weight.dim() == 2:
+    part of an embedding lookup). ``lookup``: rows for local ids in place of weight[ids] (GGUF
+    rows kept quantized), on the torch path."""
+    if lookup is None and use_fused_ops(weight) and weight.dim() == 2:
         from distllm.ops import triton_embedding
 
         return triton_embedding.masked_embedding(ids, weight, start, end)
     mask = (ids >= start) & (ids < end)
     local = torch.where(mask, ids - start, torch.zeros_like(ids))
-    return torch.nn.functional.embedding(local, weight) * mask.unsqueeze(-1).to(weight.dtype)
+    rows = lookup(local) if lookup is not None else torch.nn.functional.embedding(local, weight)
+    return rows * mask.unsqueeze(-1).to(rows.dtype)
 
 
 def rotary_embedding(

@@ -15,7 +15,6 @@ import triton  # noqa: F401  (a missing or broken interpreter must fail these te
 from triton.runtime.interpreter import InterpretedFunction
 
 import distllm.ops.triton_embedding as _temb
-from distllm.distributed import parallel_state as ps
 from distllm.layers.embedding import VocabParallelEmbedding
 from distllm.ops import dispatch
 
@@ -75,7 +74,6 @@ def test_empty_ids():
 @pytest.mark.parametrize("tp_rank", [0, 1])
 def test_vocab_parallel_part_unsummed(monkeypatch, tp_rank):
     """reduce=False: this rank's rows, zeros for the other rank's ids, and no all-reduce."""
-    monkeypatch.setattr(ps, "get_tp_size", lambda: 2)
     import distllm.layers.embedding as emb_mod
 
     monkeypatch.setattr(emb_mod, "get_tp_size", lambda: 2)
@@ -92,3 +90,20 @@ def test_vocab_parallel_part_unsummed(monkeypatch, tp_rank):
     assert torch.equal(part[mine], full[ids[mine]]) and not part[~mine].any()
     emb(ids)
     assert reduced == [1]
+
+
+def test_custom_lookup_is_masked(monkeypatch):
+    """lookup= (GGUF rows kept quantized) takes the torch path with the caller's row lookup,
+    masked the same way, even where the kernel would run."""
+    monkeypatch.setenv("DISTLLM_FORCE_TRITON", "1")
+    weight = torch.randn(10, 8)
+    seen = []
+
+    def lookup(local):
+        seen.append(local.clone())
+        return weight[local] * 2
+
+    ids = torch.tensor([4, 5, 14, 15])
+    out = dispatch.masked_embedding(ids, weight, 5, 15, lookup)
+    assert torch.equal(seen[0], torch.tensor([0, 0, 9, 0]))  # other ranks' ids look up row 0 ...
+    assert torch.equal(out, _reference(ids, weight * 2, 5, 15))  # ... and come out as zeros
