@@ -235,8 +235,11 @@ def main() -> None:
             consts, opts = variants(launch)[-1]
             if what == "warps" and spec is not None:
                 opts = {**opts, "num_warps": spec}
+            compiled = compile_for_sm90(launch, consts, opts)
+            # Loads carrying an L2 cache policy (the GEMVs' evict-first weights, DISTLLM_GEMV_EVICT).
+            hinted = len(re.findall(r"ld\.global[\w.:]*\.L2::cache_hint", compiled.asm["ptx"]))
             rows.append({"op": args.op, what: spec, "kernel": launch.name, "triton": _triton_version(),
-                         **resources(compile_for_sm90(launch, consts, opts))})
+                         **resources(compiled), "l2_hint_loads": hinted})
     for r in rows:
         print(json.dumps(r))
 

@@ -113,10 +113,10 @@ def _compiled_env() -> dict:
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
 
 
-def _aot_rows(*args: str) -> list[dict]:
+def _aot_rows(*args: str, env: dict | None = None) -> list[dict]:
     """The JSON rows `benchmarks/kernel_aot.py ARGS` prints, run compiled (no interpreter)."""
     r = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "kernel_aot.py"), *args],
-                       capture_output=True, text=True, env=_compiled_env(), timeout=600)
+                       capture_output=True, text=True, env={**_compiled_env(), **(env or {})}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
 
@@ -135,6 +135,8 @@ def test_kernel_resources_cli():
     rows = _aot_rows("gemv", "--n", "64", "--k", "128", "--tiles", "4,64,2", "8,128,4")
     assert [row["tiles"] for row in rows] == ["4,64,2", "8,128,4"]
     assert all(row["kernel"] == "_gemv_kernel" and 0 < row["REG"] <= 255 and row["STACK"] >= 0 for row in rows)
+    # The weights' evict-first policy reaches the sm_90 code (an L2 cache hint on their loads).
+    assert all(row["l2_hint_loads"] > 0 for row in rows)
     rows = _aot_rows("decode_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--warps", "4")
     assert [(row["kernel"], row["warps"]) for row in rows] == [("_decode_attn_kernel", 4)] and rows[0]["REG"] > 0
     rows = _aot_rows("paged_attn", "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--warps", "4")
@@ -212,3 +214,12 @@ def test_paged_attention_does_not_spill():
 if __name__ == "__main__":
     sys.path.insert(0, BENCHMARKS)
     print(json.dumps(_compile_all()))
+
+
+def test_gate_up_weights_evict_first_unless_normal():
+    """The gate/up GEMV's weight loads carry the L2 hint by default; DISTLLM_GEMV_EVICT=normal
+    compiles them without it."""
+    args = ("gate_up", "--n", "64", "--k", "128", "--tiles", "2,64,2")
+    assert _aot_rows(*args)[0]["l2_hint_loads"] > 0
+    assert _aot_rows(*args, env={"DISTLLM_GEMV_EVICT": "normal"})[0]["l2_hint_loads"] == 0
+
