@@ -5,7 +5,7 @@ Under tensor parallelism each rank holds a slice of the vocabulary and the ranks
 summed. In torch that lookup is nine small kernels (two compares, an and, a subtract, zeros,
 a where, the gather, a cast and a multiply), each a link of a decode step's chain inside its
 CUDA graph; here it is one. Grid: (tokens, column blocks). No host syncs: CUDA-graph safe.
-The torch reference is `VocabParallelEmbedding`'s own path (layers/embedding.py).
+The torch reference is `dispatch.masked_embedding`'s torch path (CPU, and GGUF rows kept quantized).
 """
 
 from __future__ import annotations
